@@ -1,0 +1,5 @@
+import sys
+
+from cnnpipe.cli import main
+
+sys.exit(main())

@@ -1,0 +1,74 @@
+"""Pictures: sample grids, augmentation previews, confusion matrices, learning curves."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+from matplotlib import pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
+
+
+def _grid(rows: int, cols: int, cell: float = 1.1) -> tuple[Figure, np.ndarray]:
+    figure, axes = plt.subplots(rows, cols, figsize=(cols * cell, rows * cell), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    return figure, axes
+
+
+def samples_per_class(
+    images: np.ndarray, labels: np.ndarray, classes: list[str], per_class: int = 6
+) -> Figure:
+    """A row of the first few images of each class, the class name on the left."""
+    figure, axes = _grid(len(classes), per_class)
+    for row, name in enumerate(classes):
+        for col, index in enumerate(np.flatnonzero(labels == row)[:per_class]):
+            axes[row, col].imshow(images[index])
+        axes[row, 0].set_title(name, fontsize=8, loc="left")
+    figure.tight_layout()
+    return figure
+
+
+def before_after(originals: np.ndarray, augmented: np.ndarray) -> Figure:
+    """Top row: original images; bottom rows: their augmented copies."""
+    rows = 1 + len(augmented) // len(originals)
+    figure, axes = _grid(rows, len(originals))
+    for i, image in enumerate(originals):
+        axes[0, i].imshow(image)
+    for j, image in enumerate(augmented):
+        axes[1 + j // len(originals), j % len(originals)].imshow(image)
+    axes[0, 0].set_title("original", fontsize=8, loc="left")
+    axes[1, 0].set_title("augmented", fontsize=8, loc="left")
+    figure.tight_layout()
+    return figure
+
+
+def confusion_matrix(matrix: np.ndarray, classes: list[str], title: str) -> Figure:
+    size = max(4.0, 0.45 * len(classes) + 2)
+    figure, ax = plt.subplots(figsize=(size, size))
+    ConfusionMatrixDisplay(matrix, display_labels=classes).plot(ax=ax, colorbar=False)
+    ax.set_title(title)
+    figure.tight_layout()
+    return figure
+
+
+def learning_curves(history: list[dict]) -> Figure:
+    epochs = [row["epoch"] for row in history]
+    figure, (loss_ax, accuracy_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for split in ("train", "val"):
+        loss_ax.plot(epochs, [row[f"{split}_loss"] for row in history], marker="o", label=split)
+        accuracy_ax.plot(
+            epochs, [row[f"{split}_accuracy"] for row in history], marker="o", label=split
+        )
+    loss_ax.set(title="loss", xlabel="epoch")
+    accuracy_ax.set(title="accuracy", xlabel="epoch")
+    loss_ax.legend()
+    figure.tight_layout()
+    return figure
+
+
+def close(figure: Figure) -> None:
+    plt.close(figure)

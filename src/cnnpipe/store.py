@@ -1,0 +1,108 @@
+"""The on-disk formats shared by all stages, and writes that never leave half an output.
+
+A split folder holds `<split>/images.npy` (uint8, N x H x W x 3, memory-mappable),
+`<split>/labels.npy` (int64, N) and one `classes.json`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary folder that replaces `final` only if the block finishes."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    retired = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        final.rename(retired)
+    staging.rename(final)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def write_json(path: Path, payload: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def write_json_atomic(path: Path, payload: object) -> None:
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write_json(staging, payload)
+    staging.replace(path)
+
+
+def read_json(path: Path) -> object:
+    return json.loads(path.read_text())
+
+
+def write_split(folder: Path, split: str, images: np.ndarray, labels: np.ndarray) -> None:
+    (folder / split).mkdir(parents=True, exist_ok=True)
+    np.save(folder / split / "images.npy", np.ascontiguousarray(images, dtype=np.uint8))
+    np.save(folder / split / "labels.npy", np.asarray(labels, dtype=np.int64))
+
+
+def read_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images memory-mapped (read lazily), labels in memory."""
+    images = np.load(folder / split / "images.npy", mmap_mode="r")
+    labels = np.load(folder / split / "labels.npy")
+    return images, labels
+
+
+def read_classes(folder: Path) -> list[str]:
+    return list(read_json(folder / "classes.json"))
+
+
+def fingerprint(folder: Path) -> str:
+    """sha256 over every file's relative path and bytes: equal outputs, equal fingerprints."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode())
+        with path.open("rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_model_folder(folder: Path, state_dict: dict, meta: dict) -> None:
+    """A model folder: `weights.pt` (a state dict) and `meta.json` (how to rebuild and feed it)."""
+    import torch
+
+    with atomic_dir(folder) as staging:
+        torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, staging / "weights.pt")
+        write_json(staging / "meta.json", meta)
+
+
+def read_model_folder(folder: Path) -> tuple[dict, dict]:
+    import torch
+
+    meta = read_json(folder / "meta.json")
+    state_dict = torch.load(folder / "weights.pt", map_location="cpu", weights_only=True)
+    return state_dict, meta
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
