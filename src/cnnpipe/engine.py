@@ -110,7 +110,7 @@ def predict_probabilities(
 def _loss_and_accuracy(logits: torch.Tensor, labels: np.ndarray) -> tuple[float, float]:
     targets = torch.from_numpy(np.asarray(labels))
     predicted = models.probabilities(logits).argmax(dim=1)
-    return models.loss(logits, targets).item(), (predicted == targets).float().mean().item()
+    return models.loss(logits, targets).item(), (predicted == targets).double().mean().item()
 
 
 def _progress(total: int, description: str) -> tqdm:

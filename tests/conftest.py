@@ -1,0 +1,91 @@
+"""Shared fixtures: small real image folders, a private MLflow store, a scratch working dir."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from sklearn.datasets import load_digits
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def digit_images(digit: int, count: int, size: int = 24) -> list[Image.Image]:
+    """Real handwritten digits from scikit-learn, as RGB PIL images."""
+    digits = load_digits()
+    chosen = digits.images[digits.target == digit][:count]
+    return [
+        Image.fromarray((image * 255 / 16).astype(np.uint8)).convert("RGB").resize((size, size))
+        for image in chosen
+    ]
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """Three classes of real digit images saved in every supported format and several modes."""
+    root = tmp_path / "images"
+    formats = [("png", "RGB"), ("jpg", "L"), ("bmp", "RGB"), ("gif", "P"), ("webp", "RGB"),
+               ("tiff", "RGBA")]
+    for digit, name in [(0, "zero"), (1, "one"), (7, "seven")]:
+        (root / name).mkdir(parents=True)
+        for i, image in enumerate(digit_images(digit, 12)):
+            suffix, mode = formats[i % len(formats)]
+            image.convert(mode).save(root / name / f"{i:02d}.{suffix}")
+    return root
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def write_params(folder: Path, overrides: dict) -> None:
+    """params.yaml in `folder`: the repository's defaults with `overrides` merged in."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            params[section].update(values)
+        else:
+            params[section] = values
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+TINY = {
+    "data": {"image_size": 16},
+    "augment": {"copies": 1},
+    "train": {"model": "seed_cnn", "epochs": 2, "batch_size": 32},
+    "transfer": {"input_size": 32, "frozen_epochs": 1, "finetune_epochs": 1, "batch_size": 32},
+}
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_store: str) -> Path:
+    """A scratch working directory with tiny params, as a stage process would see it."""
+    folder = tmp_path / "work"
+    folder.mkdir()
+    write_params(folder, TINY)
+    monkeypatch.chdir(folder)
+    return folder
+
+
+@pytest.fixture
+def repo_copy(tmp_path: Path) -> Path:
+    """The repository's committed files copied into a fresh git + DVC repo."""
+    target = tmp_path / "repo"
+    files = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True, text=True
+    ).stdout.split("\0")
+    for name in filter(None, files):
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, target / name)
+    for command in (["git", "init", "-q"], ["git", "add", "-A"],
+                    ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
+        subprocess.run(command, cwd=target, check=True)
+    return target

@@ -1,0 +1,92 @@
+import numpy as np
+import pytest
+import torch
+from skimage import data
+from torch import nn
+
+from cnnpipe import models
+from cnnpipe.errors import UserError
+
+
+def test_seed_cnn_is_the_source_documents_network():
+    net = models.create_model("seed_cnn", num_classes=2, image_size=64)
+    kinds = [type(layer) for layer in net]
+    assert kinds == [nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Linear, nn.ReLU, nn.Linear]
+    conv, pool, dense, output = net[0], net[2], net[4], net[6]
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (3, 32, (3, 3))
+    assert pool.kernel_size == 2
+    assert (dense.in_features, dense.out_features) == (32 * 31 * 31, 128)
+    assert output.out_features == 1  # one sigmoid unit for two classes, as in the source
+
+
+def test_more_classes_get_one_unit_each_and_softmax():
+    net = models.create_model("seed_cnn", num_classes=10, image_size=32)
+    logits = net(torch.randn(4, 3, 32, 32))
+    assert logits.shape == (4, 10)
+    probabilities = models.probabilities(logits)
+    torch.testing.assert_close(probabilities.sum(1), torch.ones(4))
+
+
+def test_binary_head_uses_sigmoid_and_binary_cross_entropy():
+    logits = torch.tensor([[2.0], [-1.0]])
+    probabilities = models.probabilities(logits)
+    torch.testing.assert_close(probabilities[:, 1], torch.sigmoid(logits[:, 0]))
+    expected = nn.functional.binary_cross_entropy(torch.sigmoid(logits[:, 0]), torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(models.loss(logits, torch.tensor([1, 0])), expected)
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "seed_cnn"])
+def test_scratch_models_accept_the_image_size(name):
+    net = models.create_model(name, num_classes=3, image_size=24)
+    assert net(torch.randn(2, 3, 24, 24)).shape == (2, 3)
+
+
+def _imagenet_class(net: nn.Module, image: np.ndarray) -> tuple[int, float]:
+    pixels = torch.from_numpy(image).permute(2, 0, 1).float()[None] / 255
+    pixels = nn.functional.interpolate(pixels, size=(224, 224), mode="bilinear", antialias=True)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in models.normalisation("efficientnet_lite0"))
+    probabilities = net((pixels - mean) / std).softmax(-1)[0]
+    return int(probabilities.argmax()), float(probabilities.max())
+
+
+def test_offline_efficientnet_lite0_weights_still_recognise_imagenet_classes():
+    net = models._efficientnet_lite0(pretrained=True).eval()
+    with torch.no_grad():
+        cat, cat_p = _imagenet_class(net, data.chelsea())
+        coffee, _ = _imagenet_class(net, data.coffee())
+    assert cat == 285 and cat_p > 0.5  # Egyptian cat
+    assert coffee == 967  # espresso
+
+
+def test_transfer_net_has_a_new_head_and_a_frozen_backbone_option():
+    net = models.create_model(
+        "efficientnet_lite0", num_classes=3, image_size=16, input_size=32, pretrained=True
+    )
+    assert net(torch.randn(2, 3, 16, 16)).shape == (2, 3)
+    head = net.head_parameters()
+    assert [p.shape for p in head] == [torch.Size([3, 1280]), torch.Size([3])]
+    net.freeze_backbone(True)
+    assert not any(p.requires_grad for p in net.backbone_parameters())
+    assert all(p.requires_grad for p in head)
+    net.train()
+    assert not net.backbone.bn1.training and net.backbone.classifier.training
+
+
+@pytest.mark.parametrize("name", models.TORCHVISION_BACKBONES)
+def test_torchvision_backbones_without_weights(name):
+    net = models.create_model(name, num_classes=2, image_size=32, input_size=64)
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 1)
+    assert {id(p) for p in net.head_parameters()}.isdisjoint(map(id, net.backbone_parameters()))
+
+
+def test_torchvision_weights_that_cannot_be_fetched_give_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # nothing cached
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # a closed local port: no network
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    with pytest.raises(UserError, match="could not fetch ImageNet weights for resnet18.*none"):
+        models.create_model("resnet18", num_classes=2, image_size=32, pretrained=True)
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(UserError, match="unknown model 'vgg99'"):
+        models.create_model("vgg99", num_classes=2, image_size=32)

@@ -1,0 +1,113 @@
+"""End to end: the real `dvc repro` on a copy of the repository, checked through MlflowClient."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from mlflow.tracking import MlflowClient
+
+from cnnpipe import store
+from conftest import TINY, write_params
+
+BIN = Path(sys.executable).parent
+STAGES = ("prepare", "augment", "train", "transfer", "evaluate")
+
+
+def run(command: list[str], cwd: Path, expect: int = 0) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == expect, result.stdout + result.stderr
+    return result
+
+
+def runs_by_stage(repo: Path) -> dict[str, list]:
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("cnnpipe")
+    runs = client.search_runs([experiment.experiment_id])
+    return {s: [r for r in runs if r.data.tags["cnnpipe.stage"] == s] for s in STAGES}
+
+
+def test_dvc_repro_runs_every_stage_and_logs_each_to_mlflow(repo_copy):
+    write_params(repo_copy, TINY)
+    run([str(BIN / "dvc"), "repro"], repo_copy)
+
+    prepared = repo_copy / "data" / "prepared"
+    sizes = {s: len(np.load(prepared / s / "labels.npy")) for s in ("train", "val", "test")}
+    assert sum(sizes.values()) == 1797 and sizes["test"] == 360
+    assert np.load(prepared / "train" / "images.npy").shape[1:] == (16, 16, 3)
+    augmented = np.load(repo_copy / "data" / "augmented" / "train" / "labels.npy")
+    assert len(augmented) == 2 * sizes["train"]
+    for folder, architecture in (("scratch", "seed_cnn"), ("transfer", "efficientnet_lite0")):
+        meta = json.loads((repo_copy / "models" / folder / "meta.json").read_text())
+        assert meta["architecture"] == architecture and len(meta["classes"]) == 10
+        assert (repo_copy / "models" / folder / "weights.pt").stat().st_size > 0
+    metrics = json.loads((repo_copy / "reports" / "evaluate" / "metrics.json").read_text())
+    assert metrics["scratch"]["accuracy"] > 0.5 and metrics["transfer"]["accuracy"] > 0.3
+    history = (repo_copy / "reports" / "transfer" / "history.csv").read_text().splitlines()
+    assert history[0] == "epoch,train_loss,train_accuracy,val_loss,val_accuracy"
+    assert len(history) == 3
+
+    runs = runs_by_stage(repo_copy)
+    for stage in STAGES:
+        assert len(runs[stage]) == 1, stage
+        found = runs[stage][0]
+        assert found.info.status == "FINISHED"
+        assert found.data.params and found.data.metrics, stage
+        assert MlflowClient(f"sqlite:///{repo_copy / 'mlflow.db'}").list_artifacts(
+            found.info.run_id
+        ), stage
+    train_run = runs["train"][0]
+    assert train_run.info.run_name == "train-seed_cnn"
+    assert train_run.data.tags["cnnpipe.upstream.prepare"] == runs["prepare"][0].info.run_id
+    assert train_run.data.tags["cnnpipe.upstream.augment"] == runs["augment"][0].info.run_id
+    assert train_run.data.metrics["test_accuracy"] == metrics["scratch"]["accuracy"]
+    assert runs["transfer"][0].data.metrics["test_accuracy"] == metrics["transfer"]["accuracy"]
+    assert runs["prepare"][0].data.metrics["images.test"] == 360
+
+    again = run([str(BIN / "dvc"), "repro"], repo_copy)
+    assert again.stdout.count("didn't change, skipping") == len(STAGES)
+    assert sum(len(r) for r in runs_by_stage(repo_copy).values()) == len(STAGES)
+
+
+def test_pipeline_runs_on_a_new_folder_and_reports_its_bad_files(repo_copy, image_folder):
+    (image_folder / "zero" / "corrupt.jpg").write_bytes(b"not a jpeg at all" * 10)
+    (image_folder / "one" / "empty.png").write_bytes(b"")
+    write_params(repo_copy, TINY | {"data": {"source": f"folder:{image_folder}", "image_size": 16}})
+    run([str(BIN / "dvc"), "repro"], repo_copy)
+
+    report = json.loads((repo_copy / "reports" / "prepare.json").read_text())
+    assert report["classes"] == ["one", "seven", "zero"]
+    assert {Path(b["path"]).name: b["kind"] for b in report["bad_images"]} == {
+        "corrupt.jpg": "unreadable",
+        "empty.png": "empty_file",
+    }
+    metrics = json.loads((repo_copy / "reports" / "evaluate" / "metrics.json").read_text())
+    assert set(metrics["scratch"]["recall"]) == {"one", "seven", "zero"}
+    prepare_run = runs_by_stage(repo_copy)["prepare"][0]
+    assert prepare_run.data.metrics["bad_images.unreadable"] == 1
+    assert prepare_run.data.metrics["bad_images.empty_file"] == 1
+
+
+def test_a_failing_prepare_says_why_in_one_line_and_keeps_the_old_output(
+    repo_copy, image_folder, tmp_path
+):
+    write_params(repo_copy, {"data": {"source": f"folder:{image_folder}", "image_size": 16}})
+    run([str(BIN / "cnnpipe"), "prepare"], repo_copy)
+    before = store.fingerprint(repo_copy / "data" / "prepared")
+
+    empty = tmp_path / "empty"
+    (empty / "cats").mkdir(parents=True)
+    write_params(repo_copy, {"data": {"source": f"folder:{empty}", "image_size": 16}})
+    failed = run([str(BIN / "cnnpipe"), "prepare"], repo_copy, expect=2)
+    assert "Traceback" not in failed.stderr
+    assert failed.stderr.strip().splitlines() == [
+        f"cnnpipe prepare: error: data folder {empty} holds no images: "
+        "put them in one sub-folder per class"
+    ]
+    assert store.fingerprint(repo_copy / "data" / "prepared") == before
