@@ -61,7 +61,7 @@ TINY = {
     "data": {"image_size": 16},
     "augment": {"copies": 1},
     "train": {"model": "seed_cnn", "epochs": 2, "batch_size": 32},
-    "transfer": {"input_size": 32, "frozen_epochs": 1, "finetune_epochs": 1, "batch_size": 32},
+    "transfer": {"input_size": 16, "frozen_epochs": 1, "finetune_epochs": 1, "batch_size": 32},
 }
 
 

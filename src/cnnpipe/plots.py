@@ -9,7 +9,6 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 from matplotlib import pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
 
 def _grid(rows: int, cols: int, cell: float = 1.1) -> tuple[Figure, np.ndarray]:
@@ -47,6 +46,8 @@ def before_after(originals: np.ndarray, augmented: np.ndarray) -> Figure:
 
 
 def confusion_matrix(matrix: np.ndarray, classes: list[str], title: str) -> Figure:
+    from sklearn.metrics import ConfusionMatrixDisplay  # only evaluate pays for importing sklearn
+
     size = max(4.0, 0.45 * len(classes) + 2)
     figure, ax = plt.subplots(figsize=(size, size))
     ConfusionMatrixDisplay(matrix, display_labels=classes).plot(ax=ax, colorbar=False)
