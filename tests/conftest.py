@@ -29,8 +29,14 @@ def digit_images(digit: int, count: int, size: int = 24) -> list[Image.Image]:
 def image_folder(tmp_path: Path) -> Path:
     """Three classes of real digit images saved in every supported format and several modes."""
     root = tmp_path / "images"
-    formats = [("png", "RGB"), ("jpg", "L"), ("bmp", "RGB"), ("gif", "P"), ("webp", "RGB"),
-               ("tiff", "RGBA")]
+    formats = [
+        ("png", "RGB"),
+        ("jpg", "L"),
+        ("bmp", "RGB"),
+        ("gif", "P"),
+        ("webp", "RGB"),
+        ("tiff", "RGBA"),
+    ]
     for digit, name in [(0, "zero"), (1, "one"), (7, "seven")]:
         (root / name).mkdir(parents=True)
         for i, image in enumerate(digit_images(digit, 12)):
@@ -78,14 +84,21 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_store: str) 
 @pytest.fixture
 def repo_copy(tmp_path: Path) -> Path:
     """The repository's committed files copied into a fresh git + DVC repo."""
-    target = tmp_path / "repo"
+    return copy_repo(tmp_path / "repo")
+
+
+def copy_repo(target: Path) -> Path:
+    """Copy the repository's tracked files (as they are in the work tree) into a new git repo."""
     files = subprocess.run(
         ["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True, text=True
     ).stdout.split("\0")
     for name in filter(None, files):
         (target / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, target / name)
-    for command in (["git", "init", "-q"], ["git", "add", "-A"],
-                    ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
+    for command in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"],
+    ):
         subprocess.run(command, cwd=target, check=True)
     return target

@@ -6,6 +6,7 @@ from cnnpipe import engine, models
 from cnnpipe.sources import load_source
 
 NORM = engine.Normalisation((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+CPU = engine.Runtime(torch.device("cpu"))
 
 
 def _digits_splits():
@@ -32,21 +33,72 @@ def test_batches_cover_every_index_once():
     assert sorted(seen.tolist()) == list(range(103))
 
 
+def test_ranks_get_disjoint_equal_shards_of_one_permutation():
+    shards = [
+        np.concatenate(list(engine.batch_indices(103, 8, torch.Generator().manual_seed(1), r, 2)))
+        for r in (0, 1)
+    ]
+    assert len(shards[0]) == len(shards[1]) == 51
+    assert not set(shards[0]) & set(shards[1])
+
+
+def _fit(data, epochs, checkpoint, until=None):
+    train, val = data
+    engine.make_deterministic(0, True)
+    model = models.create_model("small_cnn", num_classes=10, image_size=12)
+    trainer = engine.Trainer(model, train, val, NORM, CPU, 64, 0, epochs, checkpoint)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=3e-3, total_steps=epochs * trainer.steps_per_epoch()
+    )
+    trainer.run(optimizer, until or epochs, schedule)
+    return trainer
+
+
+def test_resuming_from_a_checkpoint_ends_with_the_same_weights(tmp_path):
+    data = _digits_splits()
+    straight = _fit(data, 3, None)
+    checkpoint = engine.Checkpoint(tmp_path / "last.pt", key="k")
+    _fit(data, 3, checkpoint, until=1)  # stops after epoch 1, as if killed
+    resumed = _fit(data, 3, checkpoint)
+    assert [r.epoch for r in resumed.history] == [1, 2, 3]
+    for name, tensor in straight.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+    assert resumed.best_state is not None
+
+
+def test_a_checkpoint_for_other_params_is_set_aside(tmp_path, capsys):
+    data = _digits_splits()
+    _fit(data, 1, engine.Checkpoint(tmp_path / "last.pt", key="old"))
+    trainer = _fit(data, 1, engine.Checkpoint(tmp_path / "last.pt", key="new"))
+    assert [r.epoch for r in trainer.history] == [1]
+    assert (tmp_path / "set-aside.pt").exists()
+    assert "written with other params or data" in capsys.readouterr().err
+
+
 def test_trainer_learns_digits_and_keeps_the_best_epoch():
     train, val = _digits_splits()
-    engine.seed_everything(0)
+    engine.make_deterministic(0, True)
     model = models.create_model("seed_cnn", num_classes=10, image_size=12)
     epochs_seen = []
     trainer = engine.Trainer(
-        model, train, val, NORM, torch.device("cpu"), batch_size=32, seed=0,
+        model,
+        train,
+        val,
+        NORM,
+        CPU,
+        batch_size=32,
+        seed=0,
+        total_epochs=4,
         on_epoch=lambda record, speed: epochs_seen.append((record.epoch, speed > 0)),
     )
-    trainer.run(torch.optim.Adam(model.parameters(), lr=3e-3), epochs=4)
+    trainer.run(torch.optim.Adam(model.parameters(), lr=3e-3), until_epoch=4)
     assert epochs_seen == [(1, True), (2, True), (3, True), (4, True)]
     best = trainer.best
     assert best.val_accuracy == max(r.val_accuracy for r in trainer.history)
     assert best.val_accuracy > 0.85
-    probabilities = engine.predict_probabilities(trainer.best_model(), val.images, NORM,
-                                                 torch.device("cpu"))
+    probabilities = engine.predict_probabilities(
+        trainer.best_model(), val.images, NORM, torch.device("cpu")
+    )
     assert (probabilities.argmax(1) == val.labels).mean() == pytest.approx(best.val_accuracy)
     np.testing.assert_allclose(probabilities.sum(1), 1, rtol=1e-5)

@@ -31,7 +31,9 @@ def test_binary_head_uses_sigmoid_and_binary_cross_entropy():
     logits = torch.tensor([[2.0], [-1.0]])
     probabilities = models.probabilities(logits)
     torch.testing.assert_close(probabilities[:, 1], torch.sigmoid(logits[:, 0]))
-    expected = nn.functional.binary_cross_entropy(torch.sigmoid(logits[:, 0]), torch.tensor([1.0, 0.0]))
+    expected = nn.functional.binary_cross_entropy(
+        torch.sigmoid(logits[:, 0]), torch.tensor([1.0, 0.0])
+    )
     torch.testing.assert_close(models.loss(logits, torch.tensor([1, 0])), expected)
 
 
@@ -44,7 +46,9 @@ def test_scratch_models_accept_the_image_size(name):
 def _imagenet_class(net: nn.Module, image: np.ndarray) -> tuple[int, float]:
     pixels = torch.from_numpy(image).permute(2, 0, 1).float()[None] / 255
     pixels = nn.functional.interpolate(pixels, size=(224, 224), mode="bilinear", antialias=True)
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in models.normalisation("efficientnet_lite0"))
+    mean, std = (
+        torch.tensor(v).view(1, 3, 1, 1) for v in models.normalisation("efficientnet_lite0")
+    )
     probabilities = net((pixels - mean) / std).softmax(-1)[0]
     return int(probabilities.argmax()), float(probabilities.max())
 

@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from cnnpipe import store
-from conftest import TINY, write_params
+from conftest import TINY, copy_repo, write_params
 
 BIN = Path(sys.executable).parent
 STAGES = ("prepare", "augment", "train", "transfer", "evaluate")
@@ -33,9 +35,26 @@ def runs_by_stage(repo: Path) -> dict[str, list]:
     return {s: [r for r in runs if r.data.tags["cnnpipe.stage"] == s] for s in STAGES}
 
 
-def test_dvc_repro_runs_every_stage_and_logs_each_to_mlflow(repo_copy):
-    write_params(repo_copy, TINY)
-    run([str(BIN / "dvc"), "repro"], repo_copy)
+def repro_tiny(target: Path) -> Path:
+    repo = copy_repo(target)
+    write_params(repo, TINY)
+    run([str(BIN / "dvc"), "repro"], repo)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def digits_repo(tmp_path_factory) -> Path:
+    """One tiny `dvc repro` of the default pipeline, shared by the tests below."""
+    return repro_tiny(tmp_path_factory.mktemp("digits") / "repo")
+
+
+def lock_md5s(repo: Path) -> dict[str, list[str]]:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return {name: [out["md5"] for out in stage["outs"]] for name, stage in lock["stages"].items()}
+
+
+def test_dvc_repro_runs_every_stage_and_logs_each_to_mlflow(digits_repo):
+    repo_copy = digits_repo
 
     prepared = repo_copy / "data" / "prepared"
     sizes = {s: len(np.load(prepared / s / "labels.npy")) for s in ("train", "val", "test")}
@@ -73,6 +92,17 @@ def test_dvc_repro_runs_every_stage_and_logs_each_to_mlflow(repo_copy):
     again = run([str(BIN / "dvc"), "repro"], repo_copy)
     assert again.stdout.count("didn't change, skipping") == len(STAGES)
     assert sum(len(r) for r in runs_by_stage(repo_copy).values()) == len(STAGES)
+
+
+def test_two_clean_runs_write_byte_identical_outputs(digits_repo, tmp_path):
+    second = repro_tiny(tmp_path / "second")
+    first_md5s, second_md5s = lock_md5s(digits_repo), lock_md5s(second)
+    for stage in ("prepare", "augment", "train", "transfer", "evaluate"):
+        assert first_md5s[stage] == second_md5s[stage], stage
+    for report in ("train/metrics.json", "transfer/metrics.json", "evaluate/metrics.json"):
+        assert (digits_repo / "reports" / report).read_text() == (
+            second / "reports" / report
+        ).read_text()
 
 
 def test_pipeline_runs_on_a_new_folder_and_reports_its_bad_files(repo_copy, image_folder):

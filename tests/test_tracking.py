@@ -1,4 +1,3 @@
-
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -50,4 +49,8 @@ def test_a_failing_stage_leaves_a_failed_run_that_is_not_found(mlflow_store):
 
 
 def test_flatten_dots_nested_keys():
-    assert tracking.flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
+    assert tracking.flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {
+        "a.b": 1,
+        "a.c.d": 2,
+        "e": 3,
+    }

@@ -54,6 +54,8 @@ class TrainParams(Section):
     lr: float = Field(2e-3, gt=0, le=1)
     weight_decay: float = Field(0.0, ge=0, le=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    deterministic: bool = True
+    nproc: int = Field(1, ge=1, le=1024)
 
 
 class TransferParams(Section):
@@ -69,6 +71,8 @@ class TransferParams(Section):
     backbone_lr: float = Field(3e-4, gt=0, le=1)
     weight_decay: float = Field(0.0, ge=0, le=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    deterministic: bool = True
+    nproc: int = Field(1, ge=1, le=1024)
 
     @property
     def epochs(self) -> int:

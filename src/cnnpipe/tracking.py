@@ -112,6 +112,15 @@ class StageRun:
         )
 
 
+class _OtherRank:
+    """Stands in for the run on DDP ranks other than 0: only rank 0 logs."""
+
+    run_id = None
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
 @contextlib.contextmanager
 def stage_run(
     stage: str,
@@ -121,6 +130,9 @@ def stage_run(
     upstream: dict[str, str | None] | None = None,
 ) -> Iterator[StageRun]:
     """Start the MLflow run of a stage; a failing stage leaves its run marked FAILED."""
+    if os.environ.get("RANK", "0") != "0":
+        yield _OtherRank()
+        return
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment(experiment)
     tags = {STAGE_TAG: stage, "git_commit": _git_commit()}

@@ -1,12 +1,15 @@
-"""What the train and transfer stages share: the data they fit on and what they publish."""
+"""What the train and transfer stages share: the data they fit on, the trainer around the
+loop, and what they publish."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
-import numpy as np
+from torch import nn
 
-from cnnpipe import engine, plots, store, tracking
+from cnnpipe import engine, models, plots, store, tracking
 from cnnpipe.engine import Split, Trainer
 from cnnpipe.stages.augment import AUGMENTED
 from cnnpipe.stages.prepare import PREPARED
@@ -19,11 +22,48 @@ def fit_data() -> tuple[Split, Split, list[str]]:
     return train, val, store.read_classes(PREPARED)
 
 
-def upstream_runs(experiment: str) -> dict[str, str | None]:
+def input_fingerprints() -> dict[str, str]:
+    return {"prepare": store.fingerprint(PREPARED), "augment": store.fingerprint(AUGMENTED)}
+
+
+def upstream_runs(experiment: str, fingerprints: dict[str, str]) -> dict[str, str | None]:
     return {
-        "prepare": tracking.find_run(experiment, "prepare", store.fingerprint(PREPARED)),
-        "augment": tracking.find_run(experiment, "augment", store.fingerprint(AUGMENTED)),
+        stage: tracking.find_run(experiment, stage, fingerprint)
+        for stage, fingerprint in fingerprints.items()
     }
+
+
+def checkpoint(stage: str, logged_params: dict, fingerprints: dict[str, str]) -> engine.Checkpoint:
+    """`checkpoints/<stage>/last.pt`, keyed by the params and input data it was written for."""
+    key = json.dumps([logged_params, fingerprints], sort_keys=True, default=str)
+    return engine.Checkpoint(
+        Path("checkpoints") / stage / "last.pt", hashlib.sha256(key.encode()).hexdigest()
+    )
+
+
+def make_trainer(
+    model: nn.Module,
+    architecture: str,
+    stage_params,
+    seed: int,
+    runtime: engine.Runtime,
+    checkpoint: engine.Checkpoint,
+    mlrun: tracking.StageRun,
+) -> Trainer:
+    train, val, _ = fit_data()
+    mean, std = models.normalisation(architecture)
+    return Trainer(
+        model,
+        train,
+        val,
+        engine.Normalisation(mean, std),
+        runtime,
+        stage_params.batch_size,
+        seed,
+        stage_params.epochs,
+        checkpoint,
+        log_epoch(mlrun),
+    )
 
 
 def log_epoch(mlrun: tracking.StageRun):
@@ -34,10 +74,18 @@ def log_epoch(mlrun: tracking.StageRun):
     return on_epoch
 
 
+def model_meta(architecture: str, classes: list[str], image_size: int, **extra) -> dict:
+    mean, std = models.normalisation(architecture)
+    meta = {"architecture": architecture, "classes": classes, "image_size": image_size}
+    return meta | extra | {"mean": list(mean), "std": list(std)}
+
+
 def publish(
     trainer: Trainer, mlrun: tracking.StageRun, model_dir: Path, report_dir: Path, meta: dict
 ) -> None:
     """Write the best epoch's model folder, the history (DVC plots) and metrics, and log them."""
+    if not trainer.runtime.is_main:
+        return
     best = trainer.best
     model = trainer.best_model().cpu()
     store.write_model_folder(model_dir, model.state_dict(), meta | {"best_epoch": best.epoch})
@@ -52,5 +100,5 @@ def publish(
     mlrun.log_figure(figure, "learning_curves.png")
     plots.close(figure)
     mlrun.log_artifact(model_dir / "meta.json")
-    mlrun.log_classifier(model_dir, np.array(trainer.val.images[:4]))
+    mlrun.log_classifier(model_dir, store.read_split(PREPARED, "val")[0][:4].copy())
     print(f"best epoch {best.epoch}: val accuracy {best.val_accuracy:.4f}; wrote {model_dir}")

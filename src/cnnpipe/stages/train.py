@@ -6,9 +6,10 @@ from pathlib import Path
 
 import torch
 
-from cnnpipe import engine, models, tracking
+from cnnpipe import engine, models, store, tracking
 from cnnpipe.params import Params
 from cnnpipe.stages import shared
+from cnnpipe.stages.prepare import PREPARED
 
 MODEL_DIR = Path("models/scratch")
 REPORT_DIR = Path("reports/train")
@@ -24,23 +25,23 @@ def run(params: Params) -> None:
             "train": train.model_dump(),
         }
     )
-    upstream = shared.upstream_runs(experiment)
+    fingerprints = shared.input_fingerprints()
+    upstream = shared.upstream_runs(experiment, fingerprints)
+    runtime = engine.start_runtime(train.device)
     with tracking.stage_run("train", experiment, logged, train.model, upstream) as mlrun:
-        train_split, val_split, classes = shared.fit_data()
-        engine.seed_everything(params.seed)
+        classes = store.read_classes(PREPARED)
+        engine.make_deterministic(params.seed, train.deterministic)
         model = models.create_model(
             train.model, num_classes=len(classes), image_size=params.data.image_size
         )
-        mean, std = models.normalisation(train.model)
-        trainer = engine.Trainer(
+        trainer = shared.make_trainer(
             model,
-            train_split,
-            val_split,
-            engine.Normalisation(mean, std),
-            engine.resolve_device(train.device),
-            train.batch_size,
+            train.model,
+            train,
             params.seed,
-            on_epoch=shared.log_epoch(mlrun),
+            runtime,
+            shared.checkpoint("train", logged, fingerprints),
+            mlrun,
         )
         optimizer = torch.optim.Adam(
             model.parameters(), lr=train.lr, weight_decay=train.weight_decay
@@ -49,11 +50,6 @@ def run(params: Params) -> None:
             optimizer, max_lr=train.lr, total_steps=train.epochs * trainer.steps_per_epoch()
         )
         trainer.run(optimizer, train.epochs, schedule)
-        meta = {
-            "architecture": train.model,
-            "classes": classes,
-            "image_size": params.data.image_size,
-            "mean": list(mean),
-            "std": list(std),
-        }
+        meta = shared.model_meta(train.model, classes, params.data.image_size)
         shared.publish(trainer, mlrun, MODEL_DIR, REPORT_DIR, meta)
+    engine.stop_runtime(runtime)

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import torch
 
-from cnnpipe import engine, models, tracking
+from cnnpipe import engine, models, store, tracking
 from cnnpipe.models import TransferNet
-from cnnpipe.params import Params
+from cnnpipe.params import Params, TransferParams
 from cnnpipe.stages import shared
+from cnnpipe.stages.prepare import PREPARED
 
 MODEL_DIR = Path("models/transfer")
 REPORT_DIR = Path("reports/transfer")
@@ -24,14 +25,14 @@ def _cosine(optimizer: torch.optim.Optimizer, trainer: engine.Trainer, epochs: i
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
 
 
-def fit(model: TransferNet, trainer: engine.Trainer, params: Params) -> None:
-    transfer = params.transfer
+def fit(model: TransferNet, trainer: engine.Trainer, transfer: TransferParams) -> None:
     if transfer.frozen_epochs:
         model.freeze_backbone(True)
         head = torch.optim.AdamW(
             model.head_parameters(), lr=transfer.head_lr, weight_decay=transfer.weight_decay
         )
-        trainer.run(head, transfer.frozen_epochs, _cosine(head, trainer, transfer.frozen_epochs))
+        schedule = _cosine(head, trainer, transfer.frozen_epochs)
+        trainer.run(head, transfer.frozen_epochs, schedule, phase="frozen")
     if transfer.finetune_epochs:
         model.freeze_backbone(False)
         everything = torch.optim.AdamW(
@@ -42,7 +43,7 @@ def fit(model: TransferNet, trainer: engine.Trainer, params: Params) -> None:
             weight_decay=transfer.weight_decay,
         )
         schedule = _cosine(everything, trainer, transfer.finetune_epochs)
-        trainer.run(everything, transfer.finetune_epochs, schedule)
+        trainer.run(everything, transfer.epochs, schedule, phase="finetune")
 
 
 def run(params: Params) -> None:
@@ -55,10 +56,12 @@ def run(params: Params) -> None:
             "transfer": transfer.model_dump(),
         }
     )
-    upstream = shared.upstream_runs(experiment)
+    fingerprints = shared.input_fingerprints()
+    upstream = shared.upstream_runs(experiment, fingerprints)
+    runtime = engine.start_runtime(transfer.device)
     with tracking.stage_run("transfer", experiment, logged, transfer.backbone, upstream) as mlrun:
-        train_split, val_split, classes = shared.fit_data()
-        engine.seed_everything(params.seed)
+        classes = store.read_classes(PREPARED)
+        engine.make_deterministic(params.seed, transfer.deterministic)
         model = models.create_model(
             transfer.backbone,
             num_classes=len(classes),
@@ -66,24 +69,18 @@ def run(params: Params) -> None:
             input_size=transfer.input_size,
             pretrained=transfer.weights == "imagenet",
         )
-        mean, std = models.normalisation(transfer.backbone)
-        trainer = engine.Trainer(
+        trainer = shared.make_trainer(
             model,
-            train_split,
-            val_split,
-            engine.Normalisation(mean, std),
-            engine.resolve_device(transfer.device),
-            transfer.batch_size,
+            transfer.backbone,
+            transfer,
             params.seed,
-            on_epoch=shared.log_epoch(mlrun),
+            runtime,
+            shared.checkpoint("transfer", logged, fingerprints),
+            mlrun,
         )
-        fit(model, trainer, params)
-        meta = {
-            "architecture": transfer.backbone,
-            "classes": classes,
-            "image_size": params.data.image_size,
-            "input_size": transfer.input_size,
-            "mean": list(mean),
-            "std": list(std),
-        }
+        fit(model, trainer, transfer)
+        meta = shared.model_meta(
+            transfer.backbone, classes, params.data.image_size, input_size=transfer.input_size
+        )
         shared.publish(trainer, mlrun, MODEL_DIR, REPORT_DIR, meta)
+    engine.stop_runtime(runtime)

@@ -1,0 +1,123 @@
+"""Real training processes: killed and resumed, and two DDP processes on CPU."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from cnnpipe import engine, models, store
+from conftest import TINY, write_params
+
+CNNPIPE = str(Path(sys.executable).parent / "cnnpipe")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """A folder with prepared and augmented tiny digits, ready for `cnnpipe train`."""
+    folder = tmp_path_factory.mktemp("prepared")
+    write_params(folder, TINY)
+    for stage in ("prepare", "augment"):
+        subprocess.run(
+            [CNNPIPE, stage], cwd=folder, env=_env(folder), check=True, capture_output=True
+        )
+    return folder
+
+
+def _env(folder: Path) -> dict[str, str]:
+    return os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
+
+
+def _copy(prepared: Path, target: Path, train: dict) -> Path:
+    shutil.copytree(prepared, target)
+    write_params(target, TINY | {"train": TINY["train"] | train})
+    return target
+
+
+def _checkpointed_epochs(path: Path) -> int:
+    try:
+        return len(torch.load(path, weights_only=True)["history"])
+    except (FileNotFoundError, RuntimeError, EOFError):
+        return 0
+
+
+def test_killed_training_resumes_to_the_same_weights(prepared, tmp_path):
+    long_run = {"model": "small_cnn", "epochs": 6}
+    straight = _copy(prepared, tmp_path / "straight", long_run)
+    subprocess.run(
+        [CNNPIPE, "train"], cwd=straight, env=_env(straight), check=True, capture_output=True
+    )
+
+    killed = _copy(prepared, tmp_path / "killed", long_run)
+    process = subprocess.Popen(
+        [CNNPIPE, "train"],
+        cwd=killed,
+        env=_env(killed),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    checkpoint = killed / "checkpoints" / "train" / "last.pt"
+    deadline = time.monotonic() + 120
+    while _checkpointed_epochs(checkpoint) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert 2 <= _checkpointed_epochs(checkpoint) < 6
+    assert not (killed / "models" / "scratch").exists()
+
+    resumed = subprocess.run(
+        [CNNPIPE, "train"], cwd=killed, env=_env(killed), capture_output=True, text=True, check=True
+    )
+    assert "resuming after epoch" in resumed.stderr
+    assert "epoch 1/6" not in resumed.stderr
+    weights = [store.read_model_folder(d / "models" / "scratch")[0] for d in (straight, killed)]
+    for name, tensor in weights[0].items():
+        assert torch.equal(tensor, weights[1][name]), name
+
+
+def test_checkpoint_from_other_params_is_not_resumed(prepared, tmp_path):
+    folder = _copy(prepared, tmp_path / "changed", {"epochs": 1})
+    subprocess.run(
+        [CNNPIPE, "train"], cwd=folder, env=_env(folder), check=True, capture_output=True
+    )
+    write_params(folder, TINY | {"train": TINY["train"] | {"epochs": 1, "lr": 0.01}})
+    rerun = subprocess.run(
+        [CNNPIPE, "train"], cwd=folder, env=_env(folder), capture_output=True, text=True, check=True
+    )
+    assert "written with other params or data; set aside" in rerun.stderr
+    assert "resuming" not in rerun.stderr
+
+
+def test_two_cpu_processes_train_one_model_and_log_once(prepared, tmp_path):
+    folder = _copy(prepared, tmp_path / "ddp", {"model": "small_cnn", "epochs": 2, "nproc": 2})
+    result = subprocess.run(
+        [CNNPIPE, "train"], cwd=folder, env=_env(folder), capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("epoch 2/2") == 1  # only rank 0 reports
+
+    model, meta = models.load_trained(folder / "models" / "scratch")
+    images, labels = store.read_split(folder / "data" / "prepared", "test")
+    norm = engine.Normalisation(tuple(meta["mean"]), tuple(meta["std"]))
+    predicted = engine.predict_probabilities(model, images, norm, torch.device("cpu")).argmax(1)
+    assert (predicted == labels).mean() > 0.5
+
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("cnnpipe")
+    train_runs = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`cnnpipe.stage` = 'train'"
+    )
+    assert len(train_runs) == 1
+    assert train_runs[0].data.params["train.nproc"] == "2"
+    history = client.get_metric_history(train_runs[0].info.run_id, "val_accuracy")
+    assert [m.step for m in history] == [1, 2]
+    assert np.isfinite(train_runs[0].data.metrics["best_val_accuracy"])
