@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
-from cnnpipe.stages.evaluate import comparison_table, score
+from cnnpipe import metrics
+from cnnpipe.report import ModelResult
+from cnnpipe.stages.evaluate import choose
 
 
 def test_score_of_a_known_prediction():
@@ -16,26 +18,35 @@ def test_score_of_a_known_prediction():
             [0.3, 0.3, 0.4],
         ]
     )
-    scores = score(labels, probabilities, ["a", "b", "c"])
+    scores = metrics.score(labels, probabilities, ["a", "b", "c"])
     assert scores["accuracy"] == pytest.approx(5 / 6)
     assert scores["precision"] == {"a": 1.0, "b": pytest.approx(2 / 3), "c": 1.0}
     assert scores["recall"] == {"a": 0.5, "b": 1.0, "c": 1.0}
+    assert scores["support"] == {"a": 2, "b": 2, "c": 2}
     assert 0.5 < scores["roc_auc"] <= 1
 
 
 def test_binary_scores_use_the_positive_class_probability():
     labels = np.array([0, 1, 1, 0])
     probabilities = np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.9, 0.1]])
-    scores = score(labels, probabilities, ["no", "yes"])
+    scores = metrics.score(labels, probabilities, ["no", "yes"])
     assert scores["roc_auc"] == 1.0
     assert scores["accuracy"] == 0.75
 
 
-def test_comparison_table_puts_models_side_by_side():
-    table = comparison_table(
-        {
-            "scratch": {"accuracy": 0.99, "macro_f1": 0.98, "roc_auc": 1.0},
-            "transfer": {"accuracy": 0.95, "macro_f1": 0.94, "roc_auc": 0.99},
-        }
-    )
-    assert "| accuracy | 0.9900 | 0.9500 |" in table
+def test_expected_calibration_error():
+    labels = np.array([0, 0, 0, 0])
+    confident_right = np.array([[1.0, 0.0]] * 4)
+    assert metrics.expected_calibration_error(labels, confident_right) == 0
+    # confidence 0.75 everywhere, right half of the time: |0.5 - 0.75| = 0.25
+    probabilities = np.array([[0.75, 0.25], [0.25, 0.75], [0.75, 0.25], [0.25, 0.75]])
+    assert metrics.expected_calibration_error(labels, probabilities) == pytest.approx(0.25)
+
+
+def _result(name, accuracy, parameters):
+    return ModelResult(name, name, {"accuracy": accuracy}, {"parameters": parameters})
+
+
+def test_choose_the_best_by_metric_and_the_smaller_model_on_a_tie():
+    assert choose([_result("a", 0.9, 10), _result("b", 0.95, 99)], "accuracy").name == "b"
+    assert choose([_result("a", 0.95, 10), _result("b", 0.95, 99)], "accuracy").name == "a"

@@ -1,4 +1,5 @@
-"""`cnnpipe <stage>`: run one pipeline stage with the params in ./params.yaml."""
+"""`cnnpipe <stage>` runs one pipeline stage with ./params.yaml; `cnnpipe predict` classifies
+image files with the registered champion or a local model folder."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import importlib
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from cnnpipe.errors import UserError
-from cnnpipe.params import load_params
+from cnnpipe.params import PARAMS_FILE, TrackingParams, load_params
 
 STAGES = ("prepare", "augment", "train", "transfer", "evaluate")
 DISTRIBUTED_STAGES = ("train", "transfer")
@@ -31,21 +33,53 @@ def relaunch_under_torchrun(stage: str, nproc: int) -> int:
     return subprocess.run(command, check=False).returncode
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cnnpipe", description=__doc__)
-    parser.add_argument("stage", choices=STAGES)
-    args = parser.parse_args(argv)
-    try:
-        params = load_params()
-        nproc = getattr(params, args.stage).nproc if args.stage in DISTRIBUTED_STAGES else 1
-        if nproc > 1 and "RANK" not in os.environ:
-            return relaunch_under_torchrun(args.stage, nproc)
-        stage = importlib.import_module(f"cnnpipe.stages.{args.stage}")
-        stage.run(params)
-    except UserError as err:
-        print(f"cnnpipe {args.stage}: error: {err}", file=sys.stderr)
-        return 2
+def run_stage(stage: str) -> int:
+    params = load_params()
+    nproc = getattr(params, stage).nproc if stage in DISTRIBUTED_STAGES else 1
+    if nproc > 1 and "RANK" not in os.environ:
+        return relaunch_under_torchrun(stage, nproc)
+    importlib.import_module(f"cnnpipe.stages.{stage}").run(params)
     return 0
+
+
+def predict(paths: list[Path], model_dir: Path | None) -> int:
+    from cnnpipe import serving, tracking
+
+    if model_dir is not None:
+        if not (model_dir / "meta.json").exists():
+            raise UserError(f"{model_dir} is not a model folder (no meta.json): try models/scratch")
+        classifier = serving.ImageClassifier.from_folder(model_dir)
+    else:
+        tracking_params = load_params().tracking if PARAMS_FILE.exists() else TrackingParams()
+        classifier = tracking.load_champion(tracking_params.registered_model)
+    answers = serving.predict_files(classifier, paths)
+    for path, answer in answers:
+        print(f"{path}: {answer}")
+    return 1 if any(answer.startswith("error:") for _, answer in answers) else 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="cnnpipe", description=__doc__)
+    commands = top.add_subparsers(dest="command", required=True)
+    for stage in STAGES:
+        commands.add_parser(stage, help=f"run the {stage} stage")
+    predicting = commands.add_parser("predict", help="classify image files")
+    predicting.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    predicting.add_argument(
+        "--model", type=Path, help="a model folder (default: the registered champion)"
+    )
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "predict":
+            return predict(args.paths, args.model)
+        return run_stage(args.command)
+    except UserError as err:
+        print(f"cnnpipe {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

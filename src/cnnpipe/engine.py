@@ -283,6 +283,16 @@ class Trainer:
         return [self.device.index] if self.device.type == "cuda" else None
 
     def _one_epoch(self, net: nn.Module, optimizer, scheduler, epoch: int) -> None:
+        started = time.perf_counter()
+        train_loss, train_accuracy, images_per_second = self.train_epoch(
+            net, optimizer, scheduler, f"epoch {epoch}"
+        )
+        self._finish_epoch(epoch, train_loss, train_accuracy, images_per_second, started)
+
+    def train_epoch(
+        self, net: nn.Module, optimizer, scheduler=None, description: str = "train"
+    ) -> tuple[float, float, float]:
+        """One pass over this rank's shard of the train split: (loss, accuracy, images/s)."""
         net.train()
         started = time.perf_counter()
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, correct, count
@@ -293,7 +303,7 @@ class Trainer:
             self.runtime.rank,
             self.runtime.world_size,
         )
-        with _progress(len(self.train) // self.runtime.world_size, f"epoch {epoch}") as bar:
+        with _progress(len(self.train) // self.runtime.world_size, description) as bar:
             for index in shard:
                 inputs = to_input(self.train.images[index], self.norm, self.device)
                 targets = torch.from_numpy(self.train.labels[index]).to(self.device)
@@ -306,15 +316,13 @@ class Trainer:
                 if scheduler is not None:
                     scheduler.step()
                 correct = (models.probabilities(logits.detach()).argmax(1) == targets).sum()
-                totals += torch.stack(
-                    [batch_loss.detach() * len(index), correct, totals.new_tensor(len(index))]
-                )
+                count = totals.new_tensor(len(index))
+                totals += torch.stack([batch_loss.detach() * len(index), correct, count])
                 bar.update(len(index))
         if self.runtime.world_size > 1:
             dist.all_reduce(totals)
-        seconds = time.perf_counter() - started
         loss_sum, correct, count = totals.tolist()
-        self._finish_epoch(epoch, loss_sum / count, correct / count, count / seconds, started)
+        return loss_sum / count, correct / count, count / (time.perf_counter() - started)
 
     def _finish_epoch(self, epoch, train_loss, train_accuracy, images_per_second, started) -> None:
         val_loss, val_accuracy = _loss_and_accuracy(

@@ -81,10 +81,15 @@ class TransferParams(Section):
 
 class EvaluateParams(Section):
     batch_size: int = Field(256, ge=1, le=65536)
+    select_metric: Literal["accuracy", "macro_f1", "roc_auc"] = "accuracy"
+    gradcam_images: int = Field(8, ge=0, le=64)
+    misclassified_images: int = Field(16, ge=0, le=64)
 
 
 class TrackingParams(Section):
     experiment: str = Field("cnnpipe", min_length=1)
+    registered_model: str = Field("cnnpipe-classifier", min_length=1)
+    log_images: bool = True
 
 
 class Params(Section):

@@ -73,3 +73,50 @@ def learning_curves(history: list[dict]) -> Figure:
 
 def close(figure: Figure) -> None:
     plt.close(figure)
+
+
+def reliability_diagram(bins: dict[str, np.ndarray], title: str) -> Figure:
+    """Accuracy against confidence per bin; the diagonal is perfect calibration."""
+    figure, ax = plt.subplots(figsize=(4, 4))
+    filled = bins["count"] > 0
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfectly calibrated")
+    ax.bar(
+        bins["confidence"][filled], bins["accuracy"][filled], width=0.08, alpha=0.7, label="model"
+    )
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=title)
+    ax.legend(loc="upper left", fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def roc_and_pr_curves(curves: dict, title: str) -> Figure:
+    figure, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(9, 4))
+    for name, curve in curves.items():
+        roc_ax.plot(curve["fpr"], curve["tpr"], label=name)
+        pr_ax.plot(curve["recall"], curve["precision"], label=name)
+    roc_ax.plot([0, 1], [0, 1], linestyle="--", color="grey")
+    roc_ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC: {title}")
+    pr_ax.set(xlabel="recall", ylabel="precision", title=f"precision-recall: {title}")
+    pr_ax.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    return figure
+
+
+def labelled_grid(
+    images: np.ndarray, captions: list[str], overlays: np.ndarray | None = None, cols: int = 8
+) -> Figure:
+    """Images with a caption each; `overlays` (N x H x W in [0, 1]) drawn as heatmaps on top."""
+    rows = max(1, -(-len(images) // cols))
+    figure, axes = _grid(rows, cols, cell=1.5)
+    for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
+        ax = axes.flat[i]
+        ax.imshow(image)
+        if overlays is not None:
+            ax.imshow(overlays[i], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        ax.set_title(caption, fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def save(figure: Figure, path) -> None:
+    figure.savefig(path, dpi=100)

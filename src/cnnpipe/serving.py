@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import io
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow.pyfunc
 import numpy as np
@@ -17,6 +19,7 @@ import torch
 from PIL import Image, ImageOps
 
 from cnnpipe import engine, models
+from cnnpipe.sources import UnreadableImage, read_image
 
 
 def decode_image(data: bytes | str, image_size: int) -> np.ndarray:
@@ -45,6 +48,16 @@ def to_batch(model_input, image_size: int) -> np.ndarray:
     return np.stack(images)
 
 
+def encoded(images: np.ndarray) -> pd.DataFrame:
+    """uint8 images as PNG files in an `image` column: the input the served model takes."""
+    files = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(np.asarray(image)).save(buffer, format="PNG")
+        files.append(buffer.getvalue())
+    return pd.DataFrame({"image": files})
+
+
 def prediction_table(probabilities: np.ndarray, classes: list[str]) -> pd.DataFrame:
     best = probabilities.argmax(axis=1)
     table = pd.DataFrame(probabilities, columns=classes)
@@ -53,7 +66,22 @@ def prediction_table(probabilities: np.ndarray, classes: list[str]) -> pd.DataFr
     return table
 
 
+# MLflow suggests type hints on `predict` for its own input validation; the signature logged
+# with the model already describes the input, and the model accepts more than one form.
+warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method")
+
+
 class ImageClassifier(mlflow.pyfunc.PythonModel):
+    """Input: a DataFrame column `image` of encoded files (bytes or base64 text), or uint8
+    H x W x 3 arrays. Output: one row per image with `class`, `probability` and one
+    probability column per class."""
+
+    @classmethod
+    def from_folder(cls, model_dir: Path) -> ImageClassifier:
+        classifier = cls()
+        classifier.load_context(SimpleNamespace(artifacts={"model_dir": str(model_dir)}))
+        return classifier
+
     def load_context(self, context) -> None:
         self.model, self.meta = models.load_trained(Path(context.artifacts["model_dir"]))
         self.norm = engine.Normalisation(tuple(self.meta["mean"]), tuple(self.meta["std"]))
@@ -64,3 +92,22 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             self.model, batch, self.norm, torch.device("cpu")
         )
         return prediction_table(probabilities, self.meta["classes"])
+
+
+def predict_files(classifier: ImageClassifier, paths: list[Path]) -> list[tuple[Path, str]]:
+    """One line of answer per file: `class (probability)`, or why the file could not be read.
+    Readable files are predicted together, in one batch."""
+    size = classifier.meta["image_size"]
+    decoded, answers = {}, {}
+    for path in paths:
+        try:
+            decoded[path] = read_image(path, size)
+        except UnreadableImage as err:
+            answers[path] = f"error: {err}"
+        except OSError as err:
+            answers[path] = f"error: {err.strerror or err}"
+    if decoded:
+        table = classifier.predict(None, np.stack(list(decoded.values())))
+        for path, row in zip(decoded, table.itertuples(index=False), strict=True):
+            answers[path] = f"{row[0]} ({row[1]:.3f})"
+    return [(path, answers[path]) for path in paths]

@@ -21,9 +21,14 @@ import mlflow
 import numpy as np
 from matplotlib.figure import Figure
 from mlflow.entities import Metric
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
+from cnnpipe.errors import UserError
+
+CHAMPION = "champion"
 STAGE_TAG = "cnnpipe.stage"
 FINGERPRINT_TAG = "cnnpipe.fingerprint"
 UPSTREAM_TAG = "cnnpipe.upstream.{stage}"
@@ -71,10 +76,12 @@ def _git_commit() -> str:
 
 
 class StageRun:
-    """The active MLflow run of one stage execution."""
+    """The active MLflow run of one stage execution. With `log_images` off, pictures that
+    show data (`log_data_figure`) are not logged; aggregate pictures (`log_figure`) are."""
 
-    def __init__(self, run: mlflow.ActiveRun):
+    def __init__(self, run: mlflow.ActiveRun, log_images: bool):
         self.run_id = run.info.run_id
+        self.log_images = log_images
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """One batched request for all `metrics` (SQLite costs ~9 ms per call)."""
@@ -89,6 +96,10 @@ class StageRun:
     def log_figure(self, figure: Figure, artifact_file: str) -> None:
         mlflow.log_figure(figure, artifact_file)
 
+    def log_data_figure(self, figure: Figure, artifact_file: str) -> None:
+        if self.log_images:
+            mlflow.log_figure(figure, artifact_file)
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         mlflow.log_artifact(str(path), artifact_path)
 
@@ -96,17 +107,19 @@ class StageRun:
         mlflow.set_tag(FINGERPRINT_TAG, fingerprint)
 
     def log_classifier(self, model_dir: Path, example_images: np.ndarray) -> None:
-        """Log the model folder as the `ImageClassifier` pyfunc, with a signature."""
-        from cnnpipe.serving import ImageClassifier
+        """Log the model folder as the `ImageClassifier` pyfunc. Its signature takes a column
+        `image` of encoded image files (bytes; base64 text over HTTP)."""
+        from cnnpipe.serving import ImageClassifier, encoded
 
         classifier = ImageClassifier()
         classifier.load_context(SimpleNamespace(artifacts={"model_dir": str(model_dir)}))
-        example_output = classifier.predict(None, example_images)
+        example_input = encoded(example_images)
+        example_output = classifier.predict(None, example_input)
         mlflow.pyfunc.log_model(
             name="model",
             python_model=classifier,
             artifacts={"model_dir": str(model_dir)},
-            signature=infer_signature(example_images, example_output),
+            signature=infer_signature(example_input, example_output),
             code_paths=[str(Path(__file__).parent)],
             pip_requirements=PYFUNC_REQUIREMENTS,
         )
@@ -128,6 +141,7 @@ def stage_run(
     params: dict[str, object],
     model: str | None = None,
     upstream: dict[str, str | None] | None = None,
+    log_images: bool = True,
 ) -> Iterator[StageRun]:
     """Start the MLflow run of a stage; a failing stage leaves its run marked FAILED."""
     if os.environ.get("RANK", "0") != "0":
@@ -145,7 +159,7 @@ def stage_run(
     run_name = f"{stage}-{model}" if model else stage
     with mlflow.start_run(run_name=run_name, tags=tags) as run:
         mlflow.log_params(params)
-        yield StageRun(run)
+        yield StageRun(run, log_images)
 
 
 def find_run(experiment: str, stage: str, fingerprint: str) -> str | None:
@@ -175,3 +189,50 @@ def log_to_run(
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
     for artifact_file, figure in (figures or {}).items():
         client.log_figure(run_id, figure, artifact_file)
+
+
+def champion(registered_model: str) -> ModelVersion | None:
+    """The version that holds the `champion` alias, if any."""
+    client = MlflowClient(tracking_uri())
+    try:
+        return client.get_model_version_by_alias(registered_model, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def register(run_id: str, registered_model: str, tags: dict[str, str]) -> ModelVersion:
+    """Register the model logged by `run_id` (once: a run already registered keeps its
+    version) and tag the version, e.g. with the test data hash and its test metrics."""
+    client = MlflowClient(tracking_uri())
+    existing = [
+        v
+        for v in client.search_model_versions(f"name = '{registered_model}'")
+        if v.run_id == run_id
+    ]
+    if existing:
+        version = existing[0]
+    else:
+        version = mlflow.register_model(f"runs:/{run_id}/model", registered_model)
+    for key, value in tags.items():
+        client.set_model_version_tag(registered_model, version.version, key, value)
+    return client.get_model_version(registered_model, version.version)
+
+
+def make_champion(registered_model: str, version: str) -> None:
+    MlflowClient(tracking_uri()).set_registered_model_alias(registered_model, CHAMPION, version)
+
+
+def load_classifier(model_uri: str):
+    """The `ImageClassifier` behind a logged or registered model (e.g. `models:/name@champion`)."""
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+
+
+def load_champion(registered_model: str):
+    """The champion's `ImageClassifier`, or a clear error when there is none yet."""
+    if champion(registered_model) is None:
+        raise UserError(
+            f"no champion of '{registered_model}' in {tracking_uri()}: run the pipeline "
+            "(dvc repro) first, or pass --model models/scratch"
+        )
+    return load_classifier(f"models:/{registered_model}@{CHAMPION}")
