@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the environment's console scripts: dvc, cnnpipe, mlflow
 
 
 def digit_images(digit: int, count: int, size: int = 24) -> list[Image.Image]:
@@ -102,3 +105,24 @@ def copy_repo(target: Path) -> Path:
     ):
         subprocess.run(command, cwd=target, check=True)
     return target
+
+
+def run(command: list[str], cwd: Path, expect: int = 0) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == expect, result.stdout + result.stderr
+    return result
+
+
+def repro_tiny(target: Path) -> Path:
+    repo = copy_repo(target)
+    write_params(repo, TINY)
+    run([str(BIN / "dvc"), "repro"], repo)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def digits_repo(tmp_path_factory) -> Path:
+    """One tiny `dvc repro` of the default pipeline, shared by every test that reads it."""
+    return repro_tiny(tmp_path_factory.mktemp("digits") / "repo")

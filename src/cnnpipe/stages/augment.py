@@ -65,7 +65,9 @@ def run(params: Params) -> None:
     logged = tracking.flatten({"seed": params.seed, "augment": augment.model_dump()})
     experiment = params.tracking.experiment
     upstream = {"prepare": tracking.find_run(experiment, "prepare", store.fingerprint(PREPARED))}
-    with tracking.stage_run("augment", experiment, logged, upstream=upstream) as mlrun:
+    with tracking.stage_run(
+        "augment", experiment, logged, upstream=upstream, log_images=params.tracking.log_images
+    ) as mlrun:
         images, labels = store.read_split(PREPARED, "train")
         images = np.asarray(images)
         policy = build_policy(augment, params.seed)
@@ -90,6 +92,6 @@ def run(params: Params) -> None:
         if len(extra):
             shown = images[:PREVIEW_IMAGES]
             figure = plots.before_after(shown, extra[: len(shown)])
-            mlrun.log_figure(figure, "preview.png")
+            mlrun.log_data_figure(figure, "preview.png")
             plots.close(figure)
     print(f"wrote {len(images)} train images and {len(extra)} augmented copies to {AUGMENTED}")

@@ -52,7 +52,9 @@ def _counts(loaded: LabelledImages, splits: dict[str, np.ndarray]) -> dict[str, 
 def run(params: Params) -> None:
     data = params.data
     logged = tracking.flatten({"seed": params.seed, "data": data.model_dump()})
-    with tracking.stage_run("prepare", params.tracking.experiment, logged) as mlrun:
+    with tracking.stage_run(
+        "prepare", params.tracking.experiment, logged, log_images=params.tracking.log_images
+    ) as mlrun:
         loaded = load_source(data.source, data.image_size, data.on_bad_image)
         splits = split_indices(loaded.labels, data.val_fraction, data.test_fraction, params.seed)
         with store.atomic_dir(PREPARED) as staging:
@@ -81,7 +83,7 @@ def run(params: Params) -> None:
         mlrun.log_dict(report, "prepare_report.json")
         train = splits["train"]
         figure = plots.samples_per_class(loaded.images[train], loaded.labels[train], loaded.classes)
-        mlrun.log_figure(figure, "samples.png")
+        mlrun.log_data_figure(figure, "samples.png")
         plots.close(figure)
     for bad in loaded.bad_images:
         print(f"skipped {bad.path}: {bad.reason}")

@@ -1,0 +1,175 @@
+"""The registered champion: the alias gate, `mlflow models serve`, and `cnnpipe predict`."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from cnnpipe import store, tracking
+from cnnpipe.params import Params
+from cnnpipe.report import ModelResult
+from cnnpipe.stages.evaluate import promote
+from conftest import BIN, run
+
+MODEL = "cnnpipe-classifier"
+
+
+@pytest.fixture
+def repo_store(digits_repo, monkeypatch) -> tuple[Path, MlflowClient]:
+    uri = f"sqlite:///{digits_repo / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(digits_repo)
+    return digits_repo, MlflowClient(uri)
+
+
+def _test_split(repo: Path):
+    images, labels = store.read_split(repo / "data" / "prepared", "test")
+    return np.asarray(images), labels, store.read_classes(repo / "data" / "prepared")
+
+
+def test_first_evaluate_made_the_chosen_model_champion(repo_store):
+    repo, client = repo_store
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    report = (repo / "reports" / "report.md").read_text()
+    assert f"version {champion.version} of `{MODEL}` is the first champion" in report
+    metrics = json.loads((repo / "reports" / "evaluate" / "metrics.json").read_text())
+    best = max(metrics, key=lambda name: metrics[name]["accuracy"])
+    assert f"**Chosen model: {best} " in report
+    assert float(champion.tags["test_accuracy"]) == metrics[best]["accuracy"]
+
+
+def test_champion_moves_only_on_improvement(repo_store):
+    repo, client = repo_store
+    images, labels, classes = _test_split(repo)
+    data_hash = store.fingerprint(repo / "data" / "prepared")
+    params = Params()
+    held = client.get_model_version_by_alias(MODEL, "champion")
+    held_accuracy = float(held.tags["test_accuracy"])
+    runs = {
+        r.data.tags["cnnpipe.stage"]: r.info.run_id
+        for r in client.search_runs([client.get_experiment_by_name("cnnpipe").experiment_id])
+    }
+    other_run = runs["transfer"] if held.run_id == runs["train"] else runs["train"]
+
+    worse = ModelResult("x", "seed_cnn", {"accuracy": held_accuracy - 0.01}, {})
+    note = promote(other_run, worse, params, data_hash, images, labels, classes)
+    assert note.startswith(f"champion stays version {held.version}")
+    assert client.get_model_version_by_alias(MODEL, "champion").version == held.version
+
+    better = ModelResult("x", "seed_cnn", {"accuracy": held_accuracy + 0.01}, {})
+    note = promote(other_run, better, params, data_hash, images, labels, classes)
+    moved = client.get_model_version_by_alias(MODEL, "champion")
+    assert note.startswith(f"champion moved to version {moved.version}")
+    assert moved.version != held.version and moved.run_id == other_run
+    client.set_registered_model_alias(MODEL, "champion", held.version)  # leave it as found
+
+
+def test_a_champion_from_other_data_is_measured_on_this_data(repo_store):
+    repo, client = repo_store
+    images, labels, classes = _test_split(repo)
+    held = client.get_model_version_by_alias(MODEL, "champion")
+    from cnnpipe.stages.evaluate import champion_score
+
+    measured = champion_score(MODEL, held, "accuracy", "other-data", images, labels, classes)
+    assert measured == pytest.approx(float(held.tags["test_accuracy"]))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_served_champion_answers_http_requests(repo_store):
+    repo, _ = repo_store
+    images, labels, classes = _test_split(repo)
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            str(BIN / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            f"models:/{MODEL}@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        cwd=repo,
+        env=os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()[-2000:]
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(0.5)
+        shown = np.arange(0, len(labels), 12)
+        encoded = []
+        for i in shown:
+            buffer = __import__("io").BytesIO()
+            Image.fromarray(images[i]).resize((48, 48)).save(buffer, format="PNG")
+            encoded.append([base64.b64encode(buffer.getvalue()).decode()])
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": encoded}})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=body.encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    predicted = [row["class"] for row in answer]
+    expected = [classes[labels[i]] for i in shown]
+    assert np.mean([p == e for p, e in zip(predicted, expected, strict=True)]) >= 0.8
+    assert all(0 <= row["probability"] <= 1 for row in answer)
+
+
+def test_predict_answers_each_file_and_reports_unreadable_ones(repo_store, tmp_path):
+    repo, _ = repo_store
+    images, labels, classes = _test_split(repo)
+    good = tmp_path / "digit.png"
+    Image.fromarray(images[0]).save(good)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"no jpeg here")
+    for extra in ([], ["--model", "models/scratch"]):
+        result = run(
+            [str(BIN / "cnnpipe"), "predict", *extra, str(good), str(broken)], repo, expect=1
+        )
+        lines = result.stdout.strip().splitlines()
+        assert (
+            lines[0].startswith(f"{good}: ") and lines[0].split(": ")[1].split(" (")[0] in classes
+        )
+        assert lines[1] == f"{broken}: error: not a readable image (unknown or corrupt format)"
+
+
+def test_predict_without_a_champion_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'empty.db'}")
+    result = subprocess.run(
+        [str(BIN / "cnnpipe"), "predict", "x.png"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "no champion of 'cnnpipe-classifier'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert tracking.champion(MODEL) is None
