@@ -5,7 +5,8 @@
 writes one folder per size (PNG and JPEG files of varied sizes, a few classes; kept between
 runs), then in a scratch directory per size runs `cnnpipe prepare`, `cnnpipe augment` (no
 copies) and one epoch of `cnnpipe train`, each as a child process, and prints per stage the
-wall time, images per second and memory.
+wall time, images per second and memory. prepare runs `--repeats` times per size: the table
+shows the median time and the highest memory peak.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import datetime
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -160,16 +162,17 @@ def bench_size(size: int, args: argparse.Namespace) -> dict[str, float]:
     folder.mkdir(parents=True, exist_ok=True)
     write_params(folder, images, args)
     env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
-    prepare = run_stage("prepare", folder, env)
+    prepares = [run_stage("prepare", folder, env) for _ in range(args.repeats)]
     augment = run_stage("augment", folder, env)
     train = run_stage("train", folder, env)
+    seconds = statistics.median(run.seconds for run in prepares)
     return {
         "images": size,
-        "prepare_s": prepare.seconds,
-        "prepare_img_s": size / prepare.seconds,
-        "decode_img_s": last_rate(prepare.output),
-        "prepare_peak_process_mib": prepare.peak_process_mib,
-        "prepare_peak_tree_mib": prepare.peak_tree_mib,
+        "prepare_s": seconds,
+        "prepare_img_s": size / seconds,
+        "decode_img_s": statistics.median(last_rate(run.output) for run in prepares),
+        "prepare_peak_process_mib": max(run.peak_process_mib for run in prepares),
+        "prepare_peak_tree_mib": max(run.peak_tree_mib for run in prepares),
         "augment_s": augment.seconds,
         "train_s": train.seconds,
         "train_epoch_img_s": last_rate(train.output),
@@ -180,7 +183,7 @@ def bench_size(size: int, args: argparse.Namespace) -> dict[str, float]:
 
 COLUMNS = {
     "images": ("images", "{:,}"),
-    "prepare_s": ("prepare s", "{:.1f}"),
+    "prepare_s": ("prepare s (median)", "{:.1f}"),
     "prepare_img_s": ("prepare img/s", "{:.0f}"),
     "decode_img_s": ("decode img/s", "{:.0f}"),
     "prepare_peak_process_mib": ("prepare peak RSS MiB (largest process)", "{:.0f}"),
@@ -210,6 +213,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="data.workers (0: one per core)")
     parser.add_argument("--model", default="seed_cnn", help="train.model for the epoch")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="prepare runs per size (median)")
     args = parser.parse_args()
     args.workdir = args.workdir.resolve()
     now = datetime.datetime.now(datetime.UTC)
