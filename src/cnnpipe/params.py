@@ -12,7 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cnnpipe.errors import UserError
 
 PARAMS_FILE = Path("params.yaml")
-SOURCE_PATTERN = re.compile(r"^(builtin:(digits|faces)|folder:.+)$")
+SOURCE_PATTERN = re.compile(
+    r"^(builtin:(digits|faces)|folder:.+|torchvision:(CIFAR10|CIFAR100|MNIST|FashionMNIST|KMNIST))$"
+)
 
 
 class Section(BaseModel):
@@ -25,12 +27,16 @@ class DataParams(Section):
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
     on_bad_image: Literal["skip", "fail"] = "skip"
+    workers: int = Field(0, ge=0, le=256)
 
     @field_validator("source")
     @classmethod
     def _known_source(cls, source: str) -> str:
         if not SOURCE_PATTERN.match(source):
-            raise ValueError("must be builtin:digits, builtin:faces or folder:<path>")
+            raise ValueError(
+                "must be builtin:digits, builtin:faces, folder:<path> or torchvision:<name>"
+                " (CIFAR10, CIFAR100, MNIST, FashionMNIST, KMNIST)"
+            )
         return source
 
 

@@ -59,9 +59,58 @@ def read_json(path: Path) -> object:
 
 
 def write_split(folder: Path, split: str, images: np.ndarray, labels: np.ndarray) -> None:
-    (folder / split).mkdir(parents=True, exist_ok=True)
-    np.save(folder / split / "images.npy", np.ascontiguousarray(images, dtype=np.uint8))
-    np.save(folder / split / "labels.npy", np.asarray(labels, dtype=np.int64))
+    with SplitWriter(folder / split, images.shape[1:]) as writer:
+        writer.append(images, labels)
+
+
+def rows_per_chunk(image_shape: tuple[int, ...], budget: int = 4 << 20) -> int:
+    """How many images of `image_shape` make a chunk of about `budget` bytes (at most 256)."""
+    return max(1, min(256, budget // int(np.prod(image_shape))))
+
+
+class SplitWriter:
+    """Writes one split folder as chunks of rows arrive, holding none of them: the images go
+    to `images.npy` by plain appends, whose header gets the row count when the writer closes
+    (numpy pads .npy headers so that the first dimension can change in place). Not through a
+    memory map: pages written through a map count in the writer's resident memory until
+    unmapped, so a large split would grow the process by its own size."""
+
+    def __init__(self, folder: Path, image_shape: tuple[int, ...]):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.image_shape = tuple(image_shape)
+        self.rows = 0
+        self.labels: list[np.ndarray] = []
+        self.images = (folder / "images.npy").open("wb")
+        self.data_offset = self._write_header()
+
+    def _write_header(self) -> int:
+        header = {"descr": "|u1", "fortran_order": False, "shape": (self.rows, *self.image_shape)}
+        np.lib.format.write_array_header_1_0(self.images, header)
+        return self.images.tell()
+
+    def append(self, images: np.ndarray, labels: np.ndarray) -> None:
+        if images.shape[1:] != self.image_shape or len(images) != len(labels):
+            raise ValueError(f"rows of shape {images.shape} do not fit {self.image_shape}")
+        self.images.write(np.ascontiguousarray(images, dtype=np.uint8).data)
+        self.labels.append(np.asarray(labels, dtype=np.int64))
+        self.rows += len(images)
+
+    def close(self) -> None:
+        self.images.seek(0)
+        if self._write_header() != self.data_offset:
+            raise RuntimeError(f"{self.folder}: the .npy header changed length")
+        self.images.close()
+        np.save(self.folder / "labels.npy", np.concatenate([np.empty(0, np.int64), *self.labels]))
+
+    def __enter__(self) -> SplitWriter:
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        if error_type is None:
+            self.close()
+        else:
+            self.images.close()
 
 
 def read_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -1,6 +1,7 @@
 """augment: the train split plus `augment.copies` albumentations copies of each train image.
 
-val and test are not touched: they stay in `data/prepared`.
+val and test are not touched: they stay in `data/prepared`. The split streams through in
+chunks (single process: the policy's draws must come in one fixed order to be repeatable).
 """
 
 from __future__ import annotations
@@ -49,15 +50,31 @@ def augmented_copies(images: np.ndarray, policy: A.Compose, copies: int) -> np.n
     """`copies` augmented versions of every image, copy-major: [all copy 1, all copy 2, ...]."""
     out = np.empty((copies * len(images), *images.shape[1:]), dtype=np.uint8)
     for c in range(copies):
-        for i in tqdm(
-            range(len(images)),
-            desc=f"copy {c + 1}/{copies}",
-            unit="img",
-            mininterval=2,
-            leave=False,
-        ):
+        for i in range(len(images)):
             out[c * len(images) + i] = policy(image=images[i])["image"]
     return out
+
+
+def write_augmented(
+    images: np.ndarray, labels: np.ndarray, policy: A.Compose, copies: int, folder: Path
+) -> None:
+    """Write the train split `folder/train`: `images`, then `copies` augmented copies of them,
+    chunk by chunk, so neither the input nor the output is ever whole in memory. The draws
+    come in the same order as `augmented_copies(images, policy, copies)`, so the output is the
+    same."""
+    per_chunk = store.rows_per_chunk(images.shape[1:])
+    chunks = [slice(start, start + per_chunk) for start in range(0, len(images), per_chunk)]
+    with (
+        store.SplitWriter(folder / "train", images.shape[1:]) as writer,
+        tqdm(total=len(images) * copies, desc="augment", unit="img", mininterval=2) as bar,
+    ):
+        for rows in chunks:
+            writer.append(np.asarray(images[rows]), labels[rows])
+        for _ in range(copies):
+            for rows in chunks:
+                extra = augmented_copies(np.asarray(images[rows]), policy, 1)
+                writer.append(extra, labels[rows])
+                bar.update(len(extra))
 
 
 def run(params: Params) -> None:
@@ -69,29 +86,24 @@ def run(params: Params) -> None:
         "augment", experiment, logged, upstream=upstream, log_images=params.tracking.log_images
     ) as mlrun:
         images, labels = store.read_split(PREPARED, "train")
-        images = np.asarray(images)
         policy = build_policy(augment, params.seed)
         started = time.perf_counter()
-        extra = augmented_copies(images, policy, augment.copies)
-        seconds = time.perf_counter() - started
         with store.atomic_dir(AUGMENTED) as staging:
-            store.write_split(
-                staging,
-                "train",
-                np.concatenate([images, extra]),
-                np.tile(labels, augment.copies + 1),
-            )
+            write_augmented(images, labels, policy, augment.copies, staging)
+        seconds = time.perf_counter() - started
+        extra = len(images) * augment.copies
         mlrun.set_fingerprint(store.fingerprint(AUGMENTED))
         mlrun.log_metrics(
             {
-                "images.train": len(images) * (augment.copies + 1),
-                "images_per_second": len(extra) / seconds if len(extra) else 0.0,
+                "images.train": len(images) + extra,
+                "images_per_second": extra / seconds if extra else 0.0,
             }
         )
         mlrun.log_dict(A.to_dict(policy), "policy.json")
-        if len(extra):
-            shown = images[:PREVIEW_IMAGES]
-            figure = plots.before_after(shown, extra[: len(shown)])
+        if extra:
+            shown = np.asarray(images[:PREVIEW_IMAGES])
+            copies = store.read_split(AUGMENTED, "train")[0][len(images) : len(images) + len(shown)]
+            figure = plots.before_after(shown, np.asarray(copies))
             mlrun.log_data_figure(figure, "preview.png")
             plots.close(figure)
-    print(f"wrote {len(images)} train images and {len(extra)} augmented copies to {AUGMENTED}")
+    print(f"wrote {len(images)} train images and {extra} augmented copies to {AUGMENTED}")
