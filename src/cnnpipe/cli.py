@@ -1,4 +1,5 @@
-"""`cnnpipe <stage>`: run one pipeline stage with the params in ./params.yaml."""
+"""`cnnpipe <stage>`: run one pipeline stage with the params in ./params.yaml.
+`cnnpipe retrain`: pull, run the pipeline with overrides, push, summarise (see retrain.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ STAGES = ("prepare", "augment", "train", "transfer", "evaluate")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["retrain"]:
+        from cnnpipe import retrain
+
+        return retrain.main(argv[1:])
     parser = argparse.ArgumentParser(prog="cnnpipe", description=__doc__)
     parser.add_argument("stage", choices=STAGES)
     args = parser.parse_args(argv)
