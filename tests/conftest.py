@@ -78,14 +78,19 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_store: str) 
 @pytest.fixture
 def repo_copy(tmp_path: Path) -> Path:
     """The repository's committed files copied into a fresh git + DVC repo."""
-    target = tmp_path / "repo"
+    return copy_repository(tmp_path / "repo")
+
+
+def copy_repository(target: Path) -> Path:
+    """The repository's tracked files (as they are in the worktree) in a fresh git repo at
+    `target`, on branch main, committed."""
     files = subprocess.run(
         ["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True, text=True
     ).stdout.split("\0")
     for name in filter(None, files):
         (target / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, target / name)
-    for command in (["git", "init", "-q"], ["git", "add", "-A"],
+    for command in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"],
                     ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
         subprocess.run(command, cwd=target, check=True)
     return target
