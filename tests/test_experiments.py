@@ -47,7 +47,7 @@ def test_two_queued_experiments_run_in_parallel_and_both_land_in_mlflow(repo_cop
     run(["dvc", "repro"], repo_copy)  # the baseline: the experiments rerun train and evaluate
     commit(repo_copy, "baseline")
     for store in ("mlflow.db", "mlflow.db.lock"):  # both experiments then create the store
-        (repo_copy / store).unlink()
+        (repo_copy / store).unlink(missing_ok=True)
 
     run(["dvc", "exp", "run", "--queue", "-S", "train.lr=0.001,0.01"], repo_copy)
     try:
