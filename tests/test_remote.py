@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from conftest import TINY, write_params
-from shell import commit, run
+from conftest import write_params
+from shell import FACES, commit, run
 
 OUTPUTS = ("models/scratch/weights.pt", "reports/evaluate/metrics.json", "reports/prepare.json")
 
 
 def test_a_fresh_clone_pulls_everything_and_reproduces_nothing(repo_copy, tmp_path):
     remote, clone = tmp_path / "remote", tmp_path / "clone"
-    write_params(repo_copy, TINY)
+    write_params(repo_copy, FACES)
     run(["dvc", "remote", "add", "--default", "storage", str(remote)], repo_copy)
     run(["dvc", "repro"], repo_copy)
     commit(repo_copy, "results")

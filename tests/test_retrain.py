@@ -5,12 +5,12 @@ from __future__ import annotations
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, write_params
-from shell import commit, run
+from conftest import write_params
+from shell import FACES, commit, run
 
 
 def test_retrain_pulls_runs_the_overrides_pushes_and_summarises(repo_copy, tmp_path):
-    write_params(repo_copy, TINY)
+    write_params(repo_copy, FACES)
     commit(repo_copy, "tiny params")
     remote, summary = tmp_path / "remote", tmp_path / "summary.md"
 
