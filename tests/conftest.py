@@ -91,7 +91,8 @@ def repo_copy(tmp_path: Path) -> Path:
 
 
 def copy_repo(target: Path) -> Path:
-    """Copy the repository's tracked files (as they are in the work tree) into a new git repo."""
+    """The repository's tracked files (as they are in the worktree) in a fresh git repo at
+    `target`, on branch main, committed."""
     files = subprocess.run(
         ["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True, text=True
     ).stdout.split("\0")
@@ -99,7 +100,7 @@ def copy_repo(target: Path) -> Path:
         (target / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, target / name)
     for command in (
-        ["git", "init", "-q"],
+        ["git", "init", "-q", "-b", "main"],
         ["git", "add", "-A"],
         ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"],
     ):

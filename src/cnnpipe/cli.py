@@ -1,5 +1,6 @@
 """`cnnpipe <stage>` runs one pipeline stage with ./params.yaml; `cnnpipe predict` classifies
-image files with the registered champion or a local model folder."""
+image files with the registered champion or a local model folder; `cnnpipe retrain` pulls,
+runs the pipeline with overrides, pushes and summarises (see retrain.py)."""
 
 from __future__ import annotations
 
@@ -68,10 +69,18 @@ def parser() -> argparse.ArgumentParser:
     predicting.add_argument(
         "--model", type=Path, help="a model folder (default: the registered champion)"
     )
+    commands.add_parser(
+        "retrain", add_help=False, help="pull, run with overrides, push, summarise (retrain -h)"
+    )
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["retrain"]:  # retrain parses its own options
+        from cnnpipe import retrain
+
+        return retrain.main(argv[1:])
     args = parser().parse_args(argv)
     try:
         if args.command == "predict":

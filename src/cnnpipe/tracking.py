@@ -4,6 +4,10 @@ One experiment; one run per stage execution, named after the stage (and model). 
 tagged with a fingerprint of what the stage wrote, so a later stage finds the run that produced
 its inputs by hashing them: no run id has to be stored in an output, and outputs stay
 byte-identical between reproducible runs.
+
+The store is an SQLite file or a tracking server. A server that does not answer when a stage
+starts stops the stage with one line; a server lost while a stage runs does not stop it: what
+could not be sent is named in a warning, and the stage's own metrics and plots files hold it.
 """
 
 from __future__ import annotations
@@ -11,14 +15,18 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import sys
 import time
-from collections.abc import Iterator
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
 from importlib.metadata import version
 from pathlib import Path
 from types import SimpleNamespace
 
 import mlflow
 import numpy as np
+from filelock import FileLock
 from matplotlib.figure import Figure
 from mlflow.entities import Metric
 from mlflow.entities.model_registry import ModelVersion
@@ -36,6 +44,14 @@ PYFUNC_REQUIREMENTS = [
     f"{name}=={version(name)}"
     for name in ("torch", "torchvision", "timm", "pillow", "pandas", "numpy", "mlflow")
 ]
+HEALTH_TIMEOUT_S = 5
+# MLflow's HTTP client retries a failed request 7 times with doubling waits (minutes in all);
+# a stage that lost its server should notice within seconds. Users can still set these.
+HTTP_RETRY_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
 
 
 def repo_root(start: Path | None = None) -> Path:
@@ -55,6 +71,70 @@ def repo_root(start: Path | None = None) -> Path:
 def tracking_uri() -> str:
     """`MLFLOW_TRACKING_URI` if set, else an SQLite file at the repository root (absolute)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def server_unreachable(uri: str) -> str | None:
+    """Why the tracking server at `uri` does not answer, or None when it answers at all (an
+    HTTP error such as 401 still means the server is there; MLflow reports it properly)."""
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S):
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except (OSError, ValueError) as err:
+        return str(getattr(err, "reason", err))
+
+
+def _artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment keeps its artifacts. A server decides for itself. With SQLite,
+    MLflow's default is `./mlruns` under the working directory, which inside `dvc exp run`
+    is a temporary copy of the repository that DVC deletes: so always the repository's."""
+    return None if is_server(uri) else (repo_root() / "mlruns" / experiment).as_uri()
+
+
+@contextlib.contextmanager
+def _one_process_at_a_time(uri: str) -> Iterator[None]:
+    """Stages running in parallel (`dvc queue start -j 2`) on one new SQLite file race to create
+    its tables and the experiment ("duplicate column name"); a lock file next to it orders them.
+    Later writes are safe: MLflow sets SQLite's busy timeout (20 s) on every session."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    database = Path(uri.removeprefix("sqlite:///").split("?")[0])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{database}.lock"):
+        yield
+
+
+def check_server() -> str:
+    """The tracking URI, after checking that a tracking server there answers (a UserError in
+    one line if not), with MLflow's HTTP retries cut from minutes to seconds."""
+    uri = tracking_uri()
+    if is_server(uri):
+        for name, value in HTTP_RETRY_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+        reason = server_unreachable(uri)
+        if reason:
+            raise UserError(
+                f"MLflow tracking server {uri} is unreachable ({reason}): start it, "
+                "or unset MLFLOW_TRACKING_URI to use the local mlflow.db"
+            )
+    return uri
+
+
+def _client(experiment: str | None = None) -> MlflowClient:
+    """A client of the store, with `experiment` created if missing."""
+    uri = check_server()
+    mlflow.set_tracking_uri(uri)
+    with _one_process_at_a_time(uri):
+        client = MlflowClient(uri)  # with SQLite, this creates the tables
+        if experiment and client.get_experiment_by_name(experiment) is None:
+            client.create_experiment(experiment, _artifact_location(uri, experiment))
+    return client
 
 
 def flatten(params: dict, prefix: str = "") -> dict[str, object]:
@@ -77,34 +157,70 @@ def _git_commit() -> str:
 
 class StageRun:
     """The active MLflow run of one stage execution. With `log_images` off, pictures that
-    show data (`log_data_figure`) are not logged; aggregate pictures (`log_figure`) are."""
+    show data (`log_data_figure`) are not logged; aggregate pictures (`log_figure`) are.
 
-    def __init__(self, run: mlflow.ActiveRun, log_images: bool):
+    Every call goes through `_send`: once the tracking server is lost, nothing more is sent
+    (no waiting on retries each epoch); what was not sent is listed in warnings instead."""
+
+    def __init__(self, run: mlflow.ActiveRun, uri: str, log_images: bool):
         self.run_id = run.info.run_id
+        self.uri = uri
         self.log_images = log_images
+        self.not_sent: list[str] = []
+
+    def _send(self, what: str, call: Callable[[], object], even_if_lost: bool = False) -> None:
+        if self.not_sent and not even_if_lost:
+            self.not_sent.append(what)
+            return
+        try:
+            call()
+        except (MlflowException, OSError):
+            if not is_server(self.uri) or server_unreachable(self.uri) is None:
+                raise
+            if not self.not_sent:
+                print(
+                    f"warning: MLflow server {self.uri} unreachable; not sent: {what}. "
+                    "The stage goes on; its metrics and plots files keep the results.",
+                    file=sys.stderr,
+                )
+            self.not_sent.append(what)
+
+    def end(self, status: str) -> None:
+        """End the run (one last try to record `status`, the server may be back) and list
+        what the server did not get."""
+        self._send(f"run status {status}", lambda: mlflow.end_run(status), even_if_lost=True)
+        if self.not_sent:
+            print(
+                f"warning: MLflow server {self.uri} was lost; run {self.run_id} lacks: "
+                + "; ".join(self.not_sent),
+                file=sys.stderr,
+            )
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        """One batched request for all `metrics` (SQLite costs ~9 ms per call)."""
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        """One batched request for all `metrics` (SQLite costs ~9 ms per call); `step` is the
+        epoch."""
+        what = f"epoch {step} metrics" if step is not None else "metrics"
+        values = {k: float(v) for k, v in metrics.items()}
+        self._send(f"{what} ({', '.join(values)})", lambda: mlflow.log_metrics(values, step=step))
 
     def log_dict(self, payload: object, artifact_file: str) -> None:
-        mlflow.log_dict(payload, artifact_file)
+        self._send(artifact_file, lambda: mlflow.log_dict(payload, artifact_file))
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        mlflow.log_text(text, artifact_file)
+        self._send(artifact_file, lambda: mlflow.log_text(text, artifact_file))
 
     def log_figure(self, figure: Figure, artifact_file: str) -> None:
-        mlflow.log_figure(figure, artifact_file)
+        self._send(artifact_file, lambda: mlflow.log_figure(figure, artifact_file))
 
     def log_data_figure(self, figure: Figure, artifact_file: str) -> None:
         if self.log_images:
-            mlflow.log_figure(figure, artifact_file)
+            self.log_figure(figure, artifact_file)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        mlflow.log_artifact(str(path), artifact_path)
+        self._send(path.name, lambda: mlflow.log_artifact(str(path), artifact_path))
 
     def set_fingerprint(self, fingerprint: str) -> None:
-        mlflow.set_tag(FINGERPRINT_TAG, fingerprint)
+        self._send("fingerprint tag", lambda: mlflow.set_tag(FINGERPRINT_TAG, fingerprint))
 
     def log_classifier(self, model_dir: Path, example_images: np.ndarray) -> None:
         """Log the model folder as the `ImageClassifier` pyfunc. Its signature takes a column
@@ -115,13 +231,16 @@ class StageRun:
         classifier.load_context(SimpleNamespace(artifacts={"model_dir": str(model_dir)}))
         example_input = encoded(example_images)
         example_output = classifier.predict(None, example_input)
-        mlflow.pyfunc.log_model(
-            name="model",
-            python_model=classifier,
-            artifacts={"model_dir": str(model_dir)},
-            signature=infer_signature(example_input, example_output),
-            code_paths=[str(Path(__file__).parent)],
-            pip_requirements=PYFUNC_REQUIREMENTS,
+        self._send(
+            "model",
+            lambda: mlflow.pyfunc.log_model(
+                name="model",
+                python_model=classifier,
+                artifacts={"model_dir": str(model_dir)},
+                signature=infer_signature(example_input, example_output),
+                code_paths=[str(Path(__file__).parent)],
+                pip_requirements=PYFUNC_REQUIREMENTS,
+            ),
         )
 
 
@@ -147,7 +266,7 @@ def stage_run(
     if os.environ.get("RANK", "0") != "0":
         yield _OtherRank()
         return
-    mlflow.set_tracking_uri(tracking_uri())
+    _client(experiment)
     mlflow.set_experiment(experiment)
     tags = {STAGE_TAG: stage, "git_commit": _git_commit()}
     if os.environ.get("DVC_EXP_NAME"):
@@ -157,18 +276,25 @@ def stage_run(
     for upstream_stage, run_id in (upstream or {}).items():
         tags[UPSTREAM_TAG.format(stage=upstream_stage)] = run_id or "not found"
     run_name = f"{stage}-{model}" if model else stage
-    with mlflow.start_run(run_name=run_name, tags=tags) as run:
-        mlflow.log_params(params)
-        yield StageRun(run, log_images)
+    run = StageRun(mlflow.start_run(run_name=run_name, tags=tags), tracking_uri(), log_images)
+    run._send("params", lambda: mlflow.log_params(params))
+    status = "FINISHED"
+    try:
+        yield run
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        run.end(status)
 
 
 def find_run(experiment: str, stage: str, fingerprint: str) -> str | None:
     """The newest finished run of `stage` that wrote outputs with this fingerprint."""
-    mlflow.set_tracking_uri(tracking_uri())
-    found = mlflow.get_experiment_by_name(experiment)
+    client = _client()
+    found = client.get_experiment_by_name(experiment)
     if found is None:
         return None
-    runs = MlflowClient().search_runs(
+    runs = client.search_runs(
         [found.experiment_id],
         filter_string=(
             f"tags.`{STAGE_TAG}` = '{stage}' and tags.`{FINGERPRINT_TAG}` = '{fingerprint}'"
@@ -184,7 +310,7 @@ def log_to_run(
     run_id: str, metrics: dict[str, float], figures: dict[str, Figure] | None = None
 ) -> None:
     """Add evaluation results to an earlier (finished) run, e.g. test metrics to a train run."""
-    client = MlflowClient(tracking_uri())
+    client = _client()
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
     for artifact_file, figure in (figures or {}).items():
@@ -193,7 +319,7 @@ def log_to_run(
 
 def champion(registered_model: str) -> ModelVersion | None:
     """The version that holds the `champion` alias, if any."""
-    client = MlflowClient(tracking_uri())
+    client = _client()
     try:
         return client.get_model_version_by_alias(registered_model, CHAMPION)
     except MlflowException:
@@ -203,7 +329,7 @@ def champion(registered_model: str) -> ModelVersion | None:
 def register(run_id: str, registered_model: str, tags: dict[str, str]) -> ModelVersion:
     """Register the model logged by `run_id` (once: a run already registered keeps its
     version) and tag the version, e.g. with the test data hash and its test metrics."""
-    client = MlflowClient(tracking_uri())
+    client = _client()
     existing = [
         v
         for v in client.search_model_versions(f"name = '{registered_model}'")
@@ -219,12 +345,12 @@ def register(run_id: str, registered_model: str, tags: dict[str, str]) -> ModelV
 
 
 def make_champion(registered_model: str, version: str) -> None:
-    MlflowClient(tracking_uri()).set_registered_model_alias(registered_model, CHAMPION, version)
+    _client().set_registered_model_alias(registered_model, CHAMPION, version)
 
 
 def load_classifier(model_uri: str):
     """The `ImageClassifier` behind a logged or registered model (e.g. `models:/name@champion`)."""
-    mlflow.set_tracking_uri(tracking_uri())
+    _client()
     return mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
 
 

@@ -1,0 +1,95 @@
+"""The real `dvc`, `cnnpipe`, `mlflow` and `git` commands, run in a test repository."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from cnnpipe import tracking
+from conftest import TINY
+
+BIN = Path(sys.executable).parent
+# TINY on 200 LFW crops instead of 1,797 digits: for tests about DVC and MLflow, not accuracy.
+FACES = TINY | {"data": TINY["data"] | {"source": "builtin:faces"}}
+# Settings of the developer's shell that would send a test's runs or data elsewhere.
+OUTSIDE = ("MLFLOW_TRACKING_URI", "DVC_REMOTE_URL", "GITHUB_STEP_SUMMARY", "DVC_EXP_NAME")
+
+
+def environment(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in OUTSIDE}
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    return env | extra
+
+
+def run(
+    command: list[str], cwd: Path, expect: int = 0, **extra_env: str
+) -> subprocess.CompletedProcess:
+    """Run `command` (a venv executable by name, or anything on PATH); check its exit status."""
+    result = subprocess.run(
+        command, cwd=cwd, env=environment(**extra_env), capture_output=True, text=True
+    )
+    assert result.returncode == expect, result.stdout + result.stderr
+    return result
+
+
+def commit(repo: Path, message: str) -> None:
+    run(["git", "add", "-A"], repo)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message], repo)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path, timeout_s: float = 120) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A real `mlflow server` on 127.0.0.1: SQLite backend, artifacts served from `folder`.
+    Yields its URI and process; killed (with its workers) on exit."""
+    folder.mkdir(parents=True, exist_ok=True)
+    uri = f"http://127.0.0.1:{free_port()}"
+    log = open(folder / "server.log", "w")  # noqa: SIM115 - closed in finally
+    process = subprocess.Popen(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            uri.rsplit(":", 1)[1],
+            "--backend-store-uri",
+            f"sqlite:///{folder / 'server.db'}",
+            "--serve-artifacts",
+            "--artifacts-destination",
+            str(folder / "artifacts"),
+        ],
+        env=environment(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + timeout_s
+        while tracking.server_unreachable(uri):
+            assert process.poll() is None, (folder / "server.log").read_text()
+            assert time.monotonic() < deadline, (folder / "server.log").read_text()
+            time.sleep(0.5)
+        yield uri, process
+    finally:
+        stop(process)
+        log.close()
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Kill a server started by `mlflow_server`, and the workers in its session."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # its own session: pgid == pid
+    process.wait()

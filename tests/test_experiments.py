@@ -1,0 +1,88 @@
+"""Experiments queued and run in parallel (`dvc queue start -j 2`): each finishes, shows in
+`dvc exp show` with its metrics, and lands in the repository's SQLite MLflow store, tagged with
+its DVC experiment name."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from conftest import write_params
+from shell import BIN, FACES, commit, environment, run
+
+EVALUATE_METRICS = "reports/evaluate/metrics.json"
+
+
+def wait_for_queue(repo: Path, timeout_s: float = 900) -> str:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = run(["dvc", "queue", "status"], repo).stdout
+        if not re.search(r"\b(Queued|Running)\b", status):
+            return status
+        assert time.monotonic() < deadline, status
+        time.sleep(3)
+
+
+def experiments(shown: object) -> dict[str, dict]:
+    """Experiment name -> its `data` (params, metrics), from `dvc exp show --json`."""
+    found = {}
+    if isinstance(shown, dict):
+        for exp in shown.get("experiments") or []:
+            for rev in exp["revs"]:
+                found[rev["name"]] = rev["data"]
+        shown = list(shown.values())
+    if isinstance(shown, list):
+        for item in shown:
+            found |= experiments(item)
+    return found
+
+
+def test_two_queued_experiments_run_in_parallel_and_both_land_in_mlflow(repo_copy):
+    write_params(repo_copy, FACES)
+    run(["dvc", "repro"], repo_copy)  # the baseline: the experiments rerun train and evaluate
+    commit(repo_copy, "baseline")
+    for store in ("mlflow.db", "mlflow.db.lock"):  # both experiments then create the store
+        (repo_copy / store).unlink(missing_ok=True)
+
+    run(["dvc", "exp", "run", "--queue", "-S", "train.lr=0.001,0.01"], repo_copy)
+    try:
+        run(["dvc", "queue", "start", "-j", "2"], repo_copy)
+        status = wait_for_queue(repo_copy)
+    finally:
+        subprocess.run(
+            [str(BIN / "dvc"), "queue", "stop", "--kill"],
+            cwd=repo_copy,
+            env=environment(),
+            capture_output=True,
+        )
+    assert status.count("Success") == 2, status
+
+    shown = experiments(json.loads(run(["dvc", "exp", "show", "--json"], repo_copy).stdout))
+    assert len(shown) == 2, shown.keys()
+    for data in shown.values():
+        assert 0 <= data["metrics"][EVALUATE_METRICS]["data"]["scratch"]["accuracy"] <= 1
+
+    client = MlflowClient(f"sqlite:///{repo_copy / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("cnnpipe").experiment_id])
+    by_name = {name: [r for r in runs if r.data.tags.get("dvc_exp_name") == name] for name in shown}
+    for name, exp_runs in by_name.items():
+        stages = sorted(r.data.tags["cnnpipe.stage"] for r in exp_runs)
+        assert stages == ["evaluate", "train"], (name, stages)
+        assert all(r.info.status == "FINISHED" for r in exp_runs)
+        train = next(r for r in exp_runs if r.data.tags["cnnpipe.stage"] == "train")
+        lr = shown[name]["params"]["params.yaml"]["data"]["train"]["lr"]
+        assert train.data.params["train.lr"] == str(lr)
+        # artifacts live in the repository, not in the deleted temporary workspace
+        artifacts = Path(train.info.artifact_uri.removeprefix("file://"))
+        assert artifacts.is_relative_to(repo_copy / "mlruns"), artifacts
+        assert (artifacts / "learning_curves.png").is_file()
+    first, second = (
+        [min(r.info.start_time for r in rs), max(r.info.end_time for r in rs)]
+        for rs in by_name.values()
+    )
+    assert first[0] < second[1] and second[0] < first[1], "the experiments did not overlap"

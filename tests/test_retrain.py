@@ -1,0 +1,50 @@
+"""`cnnpipe retrain`, the steps of the retrain workflow, on CPU against a local DVC remote."""
+
+from __future__ import annotations
+
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import write_params
+from shell import FACES, commit, run
+
+
+def test_retrain_pulls_runs_the_overrides_pushes_and_summarises(repo_copy, tmp_path):
+    write_params(repo_copy, FACES)
+    commit(repo_copy, "tiny params")
+    remote, summary = tmp_path / "remote", tmp_path / "summary.md"
+
+    result = run(
+        ["cnnpipe", "retrain", "--remote", str(remote), "--set", "train.lr=0.01"],
+        repo_copy,
+        GITHUB_STEP_SUMMARY=str(summary),
+    )
+    steps = [line for line in result.stdout.splitlines() if line.startswith("retrain: ")]
+    assert steps == [
+        "retrain: dvc pull (outputs the remote lacks are rebuilt)",
+        "retrain: dvc exp run -S train.lr=0.01",
+        "retrain: dvc push",
+        "retrain: compare with main",
+        f"retrain: summary appended to $GITHUB_STEP_SUMMARY ({summary})",
+    ]
+    assert yaml.safe_load((repo_copy / "params.yaml").read_text())["train"]["lr"] == 0.01
+    text = summary.read_text()
+    lr_row = next(line for line in text.splitlines() if "| train.lr " in line)
+    assert [cell.strip() for cell in lr_row.split("|")[3:5]] == ["0.003", "0.01"], text
+    assert "reports/evaluate/metrics.json" in text and "scratch.accuracy" in text, text
+
+    # The outputs are in the remote; the remote's address stays out of the committed config.
+    cloud = run(["dvc", "status", "--cloud"], repo_copy)
+    assert "in sync" in cloud.stdout, cloud.stdout
+    assert any(remote.rglob("*")) and "ci" not in (repo_copy / ".dvc" / "config").read_text()
+    client = MlflowClient(f"sqlite:///{repo_copy / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("cnnpipe").experiment_id])
+    assert len(runs) == 5 and all(r.data.tags.get("dvc_exp_name") for r in runs)
+
+    # Without a remote: no pull, no push, the summary on stdout; nothing left to rerun.
+    run(["dvc", "remote", "remove", "--local", "ci"], repo_copy)
+    again = run(["cnnpipe", "retrain", "--set", "train.lr=0.01"], repo_copy)
+    assert "retrain: skip dvc pull: no DVC remote configured" in again.stdout
+    assert "retrain: skip dvc push: no DVC remote configured" in again.stdout
+    assert "## cnnpipe retrain" in again.stdout
+    assert again.stdout.count("didn't change, skipping") == 5, again.stdout

@@ -1,0 +1,100 @@
+"""The pipeline against a real `mlflow server` on 127.0.0.1 (SQLite backend, served artifacts):
+runs and artifacts arrive; a server that is down stops a stage in one line; a server lost
+during training does not stop the training."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import TINY, copy_repo, write_params
+from shell import BIN, environment, free_port, mlflow_server, run, stop
+
+STAGES = ("prepare", "augment", "train", "transfer", "evaluate")
+LOST_EPOCHS = 8
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> tuple[str, Path]:
+    folder = tmp_path_factory.mktemp("server")
+    with mlflow_server(folder) as (uri, _):
+        yield uri, folder
+
+
+@pytest.fixture(scope="module")
+def tracked_repo(tmp_path_factory, server) -> Path:
+    """The tiny pipeline, run once with the module's server as its tracking store."""
+    repo = copy_repo(tmp_path_factory.mktemp("tracked") / "repo")
+    write_params(repo, TINY)
+    run(["dvc", "repro"], repo, MLFLOW_TRACKING_URI=server[0])
+    return repo
+
+
+def test_the_pipeline_logs_its_runs_and_artifacts_to_the_server(server, tracked_repo):
+    uri, folder = server
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("cnnpipe").experiment_id])
+    assert sorted(r.data.tags["cnnpipe.stage"] for r in runs) == sorted(STAGES)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert not (tracked_repo / "mlflow.db").exists()
+    train = next(r for r in runs if r.data.tags["cnnpipe.stage"] == "train")
+    assert train.info.artifact_uri.startswith("mlflow-artifacts:")
+    names = {a.path for a in client.list_artifacts(train.info.run_id)}
+    assert {"learning_curves.png", "meta.json"} <= names, names
+    assert train.data.metrics["test_accuracy"] > 0.5  # written back by evaluate
+    local = client.download_artifacts(train.info.run_id, "meta.json", str(folder / "download"))
+    assert Path(local).read_text() == (tracked_repo / "models/scratch/meta.json").read_text()
+    assert any((folder / "artifacts").rglob("learning_curves.png"))
+
+
+def test_an_unreachable_server_stops_a_stage_in_one_line(tracked_repo):
+    uri = f"http://127.0.0.1:{free_port()}"
+    failed = run(["cnnpipe", "train"], tracked_repo, expect=2, MLFLOW_TRACKING_URI=uri)
+    lines = failed.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"cnnpipe train: error: MLflow tracking server {uri} is unreachable ("
+    ), failed.stderr
+    assert lines[0].endswith("start it, or unset MLFLOW_TRACKING_URI to use the local mlflow.db")
+
+
+def test_a_server_lost_during_training_does_not_stop_it(tracked_repo, tmp_path):
+    write_params(tracked_repo, TINY | {"train": TINY["train"] | {"epochs": LOST_EPOCHS}})
+    with mlflow_server(tmp_path / "lost") as (uri, process):
+        training = subprocess.Popen(
+            [str(BIN / "cnnpipe"), "train"],
+            cwd=tracked_repo,
+            text=True,
+            env=environment(MLFLOW_TRACKING_URI=uri),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        sent = wait_for_first_epoch(MlflowClient(uri), training)
+        stop(process)  # the server is gone from here on
+        out, err = training.communicate(timeout=600)
+    assert training.returncode == 0, out + err
+    assert 1 <= sent < LOST_EPOCHS
+    warnings = [line for line in err.splitlines() if line.startswith("warning: MLflow server")]
+    assert len(warnings) == 2, err
+    assert f"{uri} unreachable; not sent: epoch " in warnings[0]
+    assert "metrics (train_loss, train_accuracy, val_loss, val_accuracy" in warnings[0]
+    assert "was lost; run" in warnings[1] and "; model; run status FINISHED" in warnings[1]
+    history = (tracked_repo / "reports/train/history.csv").read_text().splitlines()
+    assert len(history) == 1 + LOST_EPOCHS
+    assert "best_val_accuracy" in (tracked_repo / "reports/train/metrics.json").read_text()
+
+
+def wait_for_first_epoch(client: MlflowClient, training: subprocess.Popen) -> int:
+    """How many epochs the server holds once it holds one (the train run's val_accuracy)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert training.poll() is None, training.communicate()
+        experiment = client.get_experiment_by_name("cnnpipe")
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        if runs and (history := client.get_metric_history(runs[0].info.run_id, "val_accuracy")):
+            return len(history)
+        time.sleep(0.1)
+    raise AssertionError("no epoch reached the server")
