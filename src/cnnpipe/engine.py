@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 import random
 import sys
@@ -114,20 +115,26 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+@functools.lru_cache(maxsize=8)
+def _scale_and_shift(norm: Normalisation, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(x / 255 - mean) / std as one multiply and one subtract per pixel."""
+    std = torch.tensor(norm.std, device=device).view(1, 3, 1, 1)
+    mean = torch.tensor(norm.mean, device=device).view(1, 3, 1, 1)
+    return 1 / (255 * std), mean / std
+
+
 def to_input(batch: np.ndarray, norm: Normalisation, device: torch.device) -> torch.Tensor:
-    """uint8 N x H x W x 3 -> normalised float N x 3 x H x W in channels_last memory layout.
-    The uint8 batch is copied to the device (pinned, asynchronously on CUDA) before the
-    conversion, so the transfer is 4x smaller than float."""
+    """uint8 N x H x W x 3 -> normalised float N x 3 x H x W in channels_last memory layout
+    (the NHWC bytes seen as NCHW are channels_last already). The uint8 batch is copied to the
+    device (pinned, asynchronously on CUDA) before the conversion: 4x fewer bytes than float."""
     if not (batch.flags.writeable and batch.flags.c_contiguous):
         batch = np.array(batch, order="C")
     pixels = torch.from_numpy(batch)
     if device.type == "cuda":
         pixels = pixels.pin_memory()
-    pixels = pixels.to(device, non_blocking=True)
-    images = pixels.permute(0, 3, 1, 2).float().div_(255)
-    mean = torch.tensor(norm.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(norm.std, device=device).view(1, 3, 1, 1)
-    return ((images - mean) / std).contiguous(memory_format=torch.channels_last)
+    pixels = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2)
+    scale, shift = _scale_and_shift(norm, device)
+    return pixels.float().mul_(scale).sub_(shift)
 
 
 def batch_indices(
@@ -175,7 +182,7 @@ def predict_probabilities(
 
 def _loss_and_accuracy(logits: torch.Tensor, labels: np.ndarray) -> tuple[float, float]:
     targets = torch.from_numpy(np.asarray(labels))
-    predicted = models.probabilities(logits).argmax(dim=1)
+    predicted = models.predicted_classes(logits)
     return models.loss(logits, targets).item(), (predicted == targets).double().mean().item()
 
 
@@ -315,7 +322,7 @@ class Trainer:
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
-                correct = (models.probabilities(logits.detach()).argmax(1) == targets).sum()
+                correct = (models.predicted_classes(logits.detach()) == targets).sum()
                 count = totals.new_tensor(len(index))
                 totals += torch.stack([batch_loss.detach() * len(index), correct, count])
                 bar.update(len(index))
