@@ -70,6 +70,8 @@ def mlflow_server(folder: Path, timeout_s: float = 120) -> Iterator[tuple[str, s
             "--serve-artifacts",
             "--artifacts-destination",
             str(folder / "artifacts"),
+            "--workers",
+            "1",
         ],
         env=environment(),
         stdout=log,
