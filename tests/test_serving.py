@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import socket
@@ -125,12 +126,13 @@ def test_served_champion_answers_http_requests(repo_store):
                 assert time.monotonic() < deadline, "server did not start"
                 time.sleep(0.5)
         shown = np.arange(0, len(labels), 12)
-        encoded = []
+        cells = []  # base64 PNG files of another size, and raw H x W x 3 pixel arrays
         for i in shown:
-            buffer = __import__("io").BytesIO()
+            buffer = io.BytesIO()
             Image.fromarray(images[i]).resize((48, 48)).save(buffer, format="PNG")
-            encoded.append([base64.b64encode(buffer.getvalue()).decode()])
-        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": encoded}})
+            cells.append([base64.b64encode(buffer.getvalue()).decode()])
+            cells.append([images[i].tolist()])
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": cells}})
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations",
             data=body.encode(),
@@ -141,7 +143,7 @@ def test_served_champion_answers_http_requests(repo_store):
         server.terminate()
         server.wait(timeout=30)
     predicted = [row["class"] for row in answer]
-    expected = [classes[labels[i]] for i in shown]
+    expected = [classes[labels[i]] for i in shown for _ in range(2)]
     assert np.mean([p == e for p, e in zip(predicted, expected, strict=True)]) >= 0.8
     assert all(0 <= row["probability"] <= 1 for row in answer)
 

@@ -37,10 +37,18 @@ def resize_array(image: np.ndarray, image_size: int) -> np.ndarray:
     return np.asarray(pil.resize((image_size, image_size), Image.Resampling.BICUBIC))
 
 
+def to_image(value, image_size: int) -> np.ndarray:
+    """One cell of the `image` column: encoded bytes, base64 text, or an H x W x 3 array
+    (nested lists over JSON)."""
+    if isinstance(value, bytes | str):
+        return decode_image(value, image_size)
+    return resize_array(np.asarray(value, dtype=np.uint8), image_size)
+
+
 def to_batch(model_input, image_size: int) -> np.ndarray:
-    """Accept a DataFrame with an `image` column (bytes or base64), or H x W x 3 uint8 arrays."""
+    """A DataFrame with an `image` column, or uint8 H x W x 3 arrays (one, or a stack)."""
     if isinstance(model_input, pd.DataFrame):
-        images = [decode_image(value, image_size) for value in model_input["image"]]
+        images = [to_image(value, image_size) for value in model_input["image"]]
     else:
         array = np.asarray(model_input)
         array = array[None] if array.ndim == 3 else array
@@ -72,9 +80,9 @@ warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` me
 
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):
-    """Input: a DataFrame column `image` of encoded files (bytes or base64 text), or uint8
-    H x W x 3 arrays. Output: one row per image with `class`, `probability` and one
-    probability column per class."""
+    """Input: a DataFrame column `image` whose cells are encoded files (bytes or base64 text)
+    or uint8 H x W x 3 arrays; or such arrays directly. Output: one row per image with
+    `class`, `probability` and one probability column per class."""
 
     @classmethod
     def from_folder(cls, model_dir: Path) -> ImageClassifier:

@@ -31,8 +31,9 @@ from matplotlib.figure import Figure
 from mlflow.entities import Metric
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature, infer_signature
 from mlflow.tracking import MlflowClient
+from mlflow.types.schema import AnyType, ColSpec, Schema
 
 from cnnpipe.errors import UserError
 
@@ -224,7 +225,7 @@ class StageRun:
 
     def log_classifier(self, model_dir: Path, example_images: np.ndarray) -> None:
         """Log the model folder as the `ImageClassifier` pyfunc. Its signature takes a column
-        `image` of encoded image files (bytes; base64 text over HTTP)."""
+        `image` of encoded image files (bytes; base64 text over HTTP) or H x W x 3 arrays."""
         from cnnpipe.serving import ImageClassifier, encoded
 
         classifier = ImageClassifier()
@@ -237,7 +238,10 @@ class StageRun:
                 name="model",
                 python_model=classifier,
                 artifacts={"model_dir": str(model_dir)},
-                signature=infer_signature(example_input, example_output),
+                signature=ModelSignature(
+                    Schema([ColSpec(AnyType(), "image")]),  # encoded file or pixel array
+                    infer_signature(example_input, example_output).outputs,
+                ),
                 code_paths=[str(Path(__file__).parent)],
                 pip_requirements=PYFUNC_REQUIREMENTS,
             ),
