@@ -48,11 +48,17 @@ def image_folder(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def module_mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
 @pytest.fixture
-def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return uri
+def mlflow_store(module_mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """MLFLOW_TRACKING_URI for the test: one SQLite store per test module (creating one costs
+    seconds); tests tell their runs apart by experiment, stage and fingerprint."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", module_mlflow_uri)
+    return module_mlflow_uri
 
 
 def write_params(folder: Path, overrides: dict) -> None:

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 from dvc.cli import main as dvc
 from PIL import Image
 
@@ -19,18 +18,6 @@ from cnnpipe.stages.augment import augmented_copies, build_policy, write_augment
 from conftest import TINY, write_params
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (20, 40, 230)}
-
-
-@pytest.fixture(scope="module")
-def module_store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-
-
-@pytest.fixture
-def mlflow_store(module_store: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """One MLflow store for the module's tests: creating one costs seconds."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", module_store)
-    return module_store
 
 
 def colour_folder(root: Path, per_class: int) -> Path:

@@ -19,18 +19,6 @@ from cnnpipe.stages import prepare
 from conftest import TINY, write_params
 
 
-@pytest.fixture(scope="module")
-def module_store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-
-
-@pytest.fixture
-def mlflow_store(module_store: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """One MLflow store for the module's tests: creating one costs seconds."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", module_store)
-    return module_store
-
-
 def write_idx(path: Path, array: np.ndarray) -> None:
     """An idx-ubyte file as MNIST ships it: magic 0x0803 (images) or 0x0801 (labels), then
     each dimension as a big-endian int32, then the bytes."""
