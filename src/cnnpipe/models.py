@@ -43,6 +43,18 @@ def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels)
 
 
+class FlattenHWC(nn.Module):
+    """Flatten in (height, width, channel) order, as Keras does on its channels-last tensors.
+
+    On a channels_last feature map this is a view, so neither pass copies it; `nn.Flatten`'s
+    (channel, height, width) order makes the max-pool backward copy the whole map twice
+    (about 20 % of a `seed_cnn` step on CPU).
+    """
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features.permute(0, 2, 3, 1).flatten(1)
+
+
 def seed_cnn(num_classes: int, image_size: int) -> nn.Module:
     """The source document's network: Conv 32@3x3 + ReLU, MaxPool 2, Dense 128 + ReLU, output."""
     pooled = (image_size - 2) // 2
@@ -50,7 +62,7 @@ def seed_cnn(num_classes: int, image_size: int) -> nn.Module:
         nn.Conv2d(3, 32, kernel_size=3),
         nn.ReLU(),
         nn.MaxPool2d(2),
-        nn.Flatten(),
+        FlattenHWC(),
         nn.Linear(32 * pooled * pooled, 128),
         nn.ReLU(),
         nn.Linear(128, output_units(num_classes)),

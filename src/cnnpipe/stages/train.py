@@ -44,7 +44,7 @@ def run(params: Params) -> None:
             mlrun,
         )
         optimizer = torch.optim.Adam(
-            model.parameters(), lr=train.lr, weight_decay=train.weight_decay
+            model.parameters(), lr=train.lr, weight_decay=train.weight_decay, fused=True
         )
         schedule = torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=train.lr, total_steps=train.epochs * trainer.steps_per_epoch()

@@ -29,7 +29,10 @@ def fit(model: TransferNet, trainer: engine.Trainer, transfer: TransferParams) -
     if transfer.frozen_epochs:
         model.freeze_backbone(True)
         head = torch.optim.AdamW(
-            model.head_parameters(), lr=transfer.head_lr, weight_decay=transfer.weight_decay
+            model.head_parameters(),
+            lr=transfer.head_lr,
+            weight_decay=transfer.weight_decay,
+            fused=True,
         )
         schedule = _cosine(head, trainer, transfer.frozen_epochs)
         trainer.run(head, transfer.frozen_epochs, schedule, phase="frozen")
@@ -41,6 +44,7 @@ def fit(model: TransferNet, trainer: engine.Trainer, transfer: TransferParams) -
                 {"params": model.head_parameters(), "lr": transfer.head_lr},
             ],
             weight_decay=transfer.weight_decay,
+            fused=True,
         )
         schedule = _cosine(everything, trainer, transfer.finetune_epochs)
         trainer.run(everything, transfer.epochs, schedule, phase="finetune")
