@@ -11,12 +11,23 @@ from cnnpipe.errors import UserError
 def test_seed_cnn_is_the_source_documents_network():
     net = models.create_model("seed_cnn", num_classes=2, image_size=64)
     kinds = [type(layer) for layer in net]
-    assert kinds == [nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Linear, nn.ReLU, nn.Linear]
+    flatten = models.FlattenHWC
+    assert kinds == [nn.Conv2d, nn.ReLU, nn.MaxPool2d, flatten, nn.Linear, nn.ReLU, nn.Linear]
     conv, pool, dense, output = net[0], net[2], net[4], net[6]
     assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (3, 32, (3, 3))
     assert pool.kernel_size == 2
     assert (dense.in_features, dense.out_features) == (32 * 31 * 31, 128)
     assert output.out_features == 1  # one sigmoid unit for two classes, as in the source
+
+
+def test_seed_cnn_flattens_like_keras_without_copying_a_channels_last_map():
+    features = torch.randn(2, 32, 5, 5).contiguous(memory_format=torch.channels_last)
+    flat = models.FlattenHWC()(features)
+    expected = (
+        features.numpy().transpose(0, 2, 3, 1).reshape(2, -1)
+    )  # Keras: height, width, channel
+    np.testing.assert_array_equal(flat.numpy(), expected)
+    assert flat.data_ptr() == features.data_ptr()  # a view of the feature map, not a copy
 
 
 def test_more_classes_get_one_unit_each_and_softmax():
