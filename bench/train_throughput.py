@@ -5,7 +5,8 @@ In one process, on the same model and data, times one training epoch of
   (b) the engine (`engine.Trainer.train_epoch`: uint8 memory-mapped split -> tensors per batch),
   (c) a PyTorch-tutorial loop: a `Dataset` returning one transformed sample at a time
       (PIL image -> `ToTensor` -> `Normalize`) through a `DataLoader`,
-and prints images/second (median of --repeats epochs) and the ratios b/a and b/c.
+and prints images/second (median of --repeats rounds, the loops taking turns) and the
+ratios b/a and b/c.
 
     uv run python bench/train_throughput.py [--models seed_cnn small_cnn] [--image-size 32]
 """
@@ -97,26 +98,23 @@ def tutorial_loop(images: np.ndarray, labels: np.ndarray, args, workers: int) ->
     return len(labels) / (time.perf_counter() - started)
 
 
-def median_rate(measure, repeats: int) -> float:
-    measure()  # warm-up: allocator, oneDNN kernels, worker start-up code paths
-    return statistics.median(measure() for _ in range(repeats))
-
-
 def measure(images: np.ndarray, labels: np.ndarray, split: engine.Split, args) -> dict:
-    return {
-        "a bare loop, in-memory tensors": median_rate(
-            lambda: bare_loop(images, labels, args), args.repeats
+    """Median images/s of each loop. The loops take turns, one epoch each per round, so a
+    change in the machine's load between rounds touches all of them alike."""
+    loops = {
+        "a bare loop, in-memory tensors": lambda: bare_loop(images, labels, args),
+        "b engine, memory-mapped uint8": lambda: engine_loop(split, args),
+        "c tutorial Dataset + DataLoader, 0 workers": lambda: tutorial_loop(
+            images, labels, args, 0
         ),
-        "b engine, memory-mapped uint8": median_rate(
-            lambda: engine_loop(split, args), args.repeats
-        ),
-        "c tutorial Dataset + DataLoader, 0 workers": median_rate(
-            lambda: tutorial_loop(images, labels, args, 0), args.repeats
-        ),
-        "c tutorial Dataset + DataLoader, 2 workers": median_rate(
-            lambda: tutorial_loop(images, labels, args, 2), args.repeats
+        "c tutorial Dataset + DataLoader, 2 workers": lambda: tutorial_loop(
+            images, labels, args, 2
         ),
     }
+    for loop in loops.values():
+        loop()  # warm-up: allocator, oneDNN kernels, worker start-up code paths
+    rounds = [{name: loop() for name, loop in loops.items()} for _ in range(args.repeats)]
+    return {name: statistics.median(one[name] for one in rounds) for name in loops}
 
 
 def report(rates: dict, images: int, args) -> None:

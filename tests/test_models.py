@@ -12,12 +12,21 @@ def test_seed_cnn_is_the_source_documents_network():
     net = models.create_model("seed_cnn", num_classes=2, image_size=64)
     kinds = [type(layer) for layer in net]
     flatten = models.FlattenHWC
-    assert kinds == [nn.Conv2d, nn.ReLU, nn.MaxPool2d, flatten, nn.Linear, nn.ReLU, nn.Linear]
-    conv, pool, dense, output = net[0], net[2], net[4], net[6]
+    assert kinds == [nn.Conv2d, nn.MaxPool2d, nn.ReLU, flatten, nn.Linear, nn.ReLU, nn.Linear]
+    conv, pool, dense, output = net[0], net[1], net[4], net[6]
     assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (3, 32, (3, 3))
     assert pool.kernel_size == 2
     assert (dense.in_features, dense.out_features) == (32 * 31 * 31, 128)
     assert output.out_features == 1  # one sigmoid unit for two classes, as in the source
+
+
+def test_seed_cnn_pooling_before_relu_is_the_sources_conv_relu_pool():
+    torch.manual_seed(0)
+    net = models.create_model("seed_cnn", num_classes=10, image_size=32)
+    conv, pool = net[0], net[1]
+    images = torch.randn(8, 3, 32, 32)
+    as_written = pool(torch.relu(conv(images)))  # Conv2D(activation="relu"), MaxPooling2D
+    torch.testing.assert_close(net[:3](images), as_written, rtol=0, atol=0)
 
 
 def test_seed_cnn_flattens_like_keras_without_copying_a_channels_last_map():
