@@ -36,7 +36,9 @@ def test_stage_run_tags_params_and_is_found_by_fingerprint(mlflow_store, monkeyp
     assert len(run.data.tags["git_commit"]) >= 7
     assert tracking.find_run("exp", "train", "f00d") == r.run_id
     assert tracking.find_run("exp", "train", "beef") is None
-    tracking.log_to_run(r.run_id, {"test_accuracy": 0.9})
+    with tracking.stage_run("evaluate", "exp", {}) as evaluation:
+        evaluation.log_to_earlier_run(r.run_id, {"test_accuracy": 0.9}, {})
+    assert not evaluation.server_lost()
     assert MlflowClient(mlflow_store).get_run(r.run_id).data.metrics["test_accuracy"] == 0.9
 
 

@@ -1,6 +1,6 @@
 """The pipeline against a real `mlflow server` on 127.0.0.1 (SQLite backend, served artifacts):
 runs and artifacts arrive; a server that is down stops a stage in one line; a server lost
-during training does not stop the training."""
+during training or evaluation does not stop the stage."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from cnnpipe import tracking
 from conftest import copy_repo, write_params
 from shell import BIN, FACES, environment, free_port, mlflow_server, run, stop
 
@@ -85,6 +86,20 @@ def test_a_server_lost_during_training_does_not_stop_it(tracked_repo, tmp_path):
     history = (tracked_repo / "reports/train/history.csv").read_text().splitlines()
     assert len(history) == 1 + LOST_EPOCHS
     assert "best_val_accuracy" in (tracked_repo / "reports/train/metrics.json").read_text()
+
+
+def test_results_for_an_earlier_run_do_not_fail_on_a_lost_server(tmp_path, monkeypatch):
+    """What evaluate does: test metrics written back into the train run, the server gone."""
+    with mlflow_server(tmp_path / "lost") as (uri, process):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail at once, not in 7 s
+        with tracking.stage_run("train", "exp", {}) as train:
+            pass
+        with tracking.stage_run("evaluate", "exp", {}) as evaluation:
+            stop(process)
+            evaluation.log_to_earlier_run(train.run_id, {"test_accuracy": 0.9}, {})
+            assert evaluation.server_lost()
+    assert evaluation.not_sent == [f"test results for run {train.run_id}", "run status FINISHED"]
 
 
 def wait_for_first_epoch(client: MlflowClient, training: subprocess.Popen) -> int:

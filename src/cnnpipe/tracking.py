@@ -197,6 +197,24 @@ class StageRun:
                 file=sys.stderr,
             )
 
+    def server_lost(self) -> bool:
+        return bool(self.not_sent)
+
+    def log_to_earlier_run(
+        self, run_id: str, metrics: dict[str, float], figures: dict[str, Figure]
+    ) -> None:
+        """Add results to an earlier (finished) run, e.g. test metrics to the train run."""
+
+        def send() -> None:
+            client = MlflowClient()
+            now = int(time.time() * 1000)
+            metric_list = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+            client.log_batch(run_id, metrics=metric_list)
+            for artifact_file, figure in figures.items():
+                client.log_figure(run_id, figure, artifact_file)
+
+        self._send(f"test results for run {run_id}", send)
+
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """One batched request for all `metrics` (SQLite costs ~9 ms per call); `step` is the
         epoch."""
@@ -308,17 +326,6 @@ def find_run(experiment: str, stage: str, fingerprint: str) -> str | None:
         max_results=1,
     )
     return runs[0].info.run_id if runs else None
-
-
-def log_to_run(
-    run_id: str, metrics: dict[str, float], figures: dict[str, Figure] | None = None
-) -> None:
-    """Add evaluation results to an earlier (finished) run, e.g. test metrics to a train run."""
-    client = _client()
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
-    for artifact_file, figure in (figures or {}).items():
-        client.log_figure(run_id, figure, artifact_file)
 
 
 def champion(registered_model: str) -> ModelVersion | None:

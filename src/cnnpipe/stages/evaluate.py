@@ -183,13 +183,18 @@ def run(params: Params) -> None:
             for file_name, figure in private.items():
                 mlrun.log_data_figure(figure, file_name)
             if producing_runs[name]:
-                tracking.log_to_run(producing_runs[name], test_metrics, pictures | private)
+                mlrun.log_to_earlier_run(producing_runs[name], test_metrics, pictures | private)
             for figure in (pictures | private).values():
                 plots.close(figure)
             results.append(result)
 
         chosen = choose(results, settings.select_metric)
-        if producing_runs[chosen.name]:
+        if mlrun.server_lost():
+            note = (
+                "not registered: the MLflow server was lost during evaluate; once it is "
+                "back, run `dvc repro --force evaluate` to register and compare."
+            )
+        elif producing_runs[chosen.name]:
             note = promote(
                 producing_runs[chosen.name], chosen, params, data_hash, images, labels, classes
             )
