@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -56,3 +59,28 @@ def test_flatten_dots_nested_keys():
         "a.c.d": 2,
         "e": 3,
     }
+
+
+def test_the_champion_gate_orders_evaluates_of_one_repository_and_its_queue_copies(
+    tmp_path, monkeypatch
+):
+    (tmp_path / ".dvc").mkdir()
+    queue_copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpq1w2e3"
+    queue_copy.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    other = "\n".join(
+        [
+            "from cnnpipe import tracking",
+            "print('ready', flush=True)",
+            "with tracking.champion_gate():",
+            "    print('in')",
+        ]
+    )
+    with tracking.champion_gate():
+        waiting = subprocess.Popen(
+            [sys.executable, "-c", other], cwd=queue_copy, stdout=subprocess.PIPE, text=True
+        )
+        assert waiting.stdout.readline() == "ready\n"
+        with pytest.raises(subprocess.TimeoutExpired):
+            waiting.wait(timeout=3)  # the queue copy's evaluate waits for this one
+    assert waiting.communicate(timeout=60)[0] == "in\n"

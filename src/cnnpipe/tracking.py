@@ -111,6 +111,22 @@ def _one_process_at_a_time(uri: str) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def champion_gate() -> Iterator[None]:
+    """Held while evaluate registers a model and decides who holds the champion alias.
+
+    Experiments that finish together (`dvc queue start -j 2`) would otherwise both find no
+    champion and both create the alias (a unique-constraint error in the registry), or both
+    compare against the same old champion. This orders the evaluates of one repository (queue
+    copies included); machines that share only a tracking server are not ordered by it.
+    """
+    root = repo_root()
+    folder = root / ".dvc" / "tmp" if (root / ".dvc").is_dir() else root
+    folder.mkdir(exist_ok=True)
+    with FileLock(str(folder / "cnnpipe-champion.lock")):
+        yield
+
+
 def check_server() -> str:
     """The tracking URI, after checking that a tracking server there answers (a UserError in
     one line if not), with MLflow's HTTP retries cut from minutes to seconds."""

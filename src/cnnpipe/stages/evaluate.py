@@ -195,9 +195,10 @@ def run(params: Params) -> None:
                 "back, run `dvc repro --force evaluate` to register and compare."
             )
         elif producing_runs[chosen.name]:
-            note = promote(
-                producing_runs[chosen.name], chosen, params, data_hash, images, labels, classes
-            )
+            with tracking.champion_gate():
+                note = promote(
+                    producing_runs[chosen.name], chosen, params, data_hash, images, labels, classes
+                )
         else:
             note = "not registered: the MLflow run that trained the chosen model was not found."
         text = report.render(
