@@ -78,6 +78,8 @@ TINY = {
     "train": {"model": "seed_cnn", "epochs": 2, "batch_size": 32},
     "transfer": {"input_size": 16, "frozen_epochs": 1, "finetune_epochs": 1, "batch_size": 32},
 }
+# TINY on 200 LFW crops instead of 1,797 digits: for tests about DVC and MLflow, not accuracy.
+FACES = TINY | {"data": TINY["data"] | {"source": "builtin:faces"}}
 
 
 @pytest.fixture
@@ -133,3 +135,24 @@ def repro_tiny(target: Path) -> Path:
 def digits_repo(tmp_path_factory) -> Path:
     """One tiny `dvc repro` of the default pipeline, shared by every test that reads it."""
     return repro_tiny(tmp_path_factory.mktemp("digits") / "repo")
+
+
+@pytest.fixture(scope="session")
+def faces_baseline(tmp_path_factory) -> Path:
+    """One tiny `dvc repro` on builtin:faces, committed with its dvc.lock as the baseline,
+    its MLflow store removed. Tests take a private copy (`faces_repo`)."""
+    repo = copy_repo(tmp_path_factory.mktemp("faces") / "repo")
+    write_params(repo, FACES)
+    run([str(BIN / "dvc"), "repro"], repo)
+    shutil.rmtree(repo / "mlruns")
+    for store in ("mlflow.db", "mlflow.db.lock"):
+        (repo / store).unlink(missing_ok=True)
+    run(["git", "add", "-A"], repo)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], repo)
+    return repo
+
+
+@pytest.fixture
+def faces_repo(faces_baseline: Path, tmp_path: Path) -> Path:
+    """A private copy of the reproduced faces baseline: git history, DVC cache and outputs."""
+    return Path(shutil.copytree(faces_baseline, tmp_path / "repo", symlinks=True))

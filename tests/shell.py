@@ -13,11 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cnnpipe import tracking
-from conftest import TINY
 
 BIN = Path(sys.executable).parent
-# TINY on 200 LFW crops instead of 1,797 digits: for tests about DVC and MLflow, not accuracy.
-FACES = TINY | {"data": TINY["data"] | {"source": "builtin:faces"}}
 # Settings of the developer's shell that would send a test's runs or data elsewhere.
 OUTSIDE = ("MLFLOW_TRACKING_URI", "DVC_REMOTE_URL", "GITHUB_STEP_SUMMARY", "DVC_EXP_NAME")
 

@@ -12,8 +12,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from conftest import write_params
-from shell import BIN, FACES, commit, environment, run
+from shell import BIN, environment, run
 
 EVALUATE_METRICS = "reports/evaluate/metrics.json"
 
@@ -42,32 +41,28 @@ def experiments(shown: object) -> dict[str, dict]:
     return found
 
 
-def test_two_queued_experiments_run_in_parallel_and_both_land_in_mlflow(repo_copy):
-    write_params(repo_copy, FACES)
-    run(["dvc", "repro"], repo_copy)  # the baseline: the experiments rerun train and evaluate
-    commit(repo_copy, "baseline")
-    for store in ("mlflow.db", "mlflow.db.lock"):  # both experiments then create the store
-        (repo_copy / store).unlink(missing_ok=True)
-
-    run(["dvc", "exp", "run", "--queue", "-S", "train.lr=0.001,0.01"], repo_copy)
+def test_two_queued_experiments_run_in_parallel_and_both_land_in_mlflow(faces_repo):
+    # From the committed baseline the experiments rerun train and evaluate; it has no MLflow
+    # store, so both experiments create it at once.
+    run(["dvc", "exp", "run", "--queue", "-S", "train.lr=0.001,0.01"], faces_repo)
     try:
-        run(["dvc", "queue", "start", "-j", "2"], repo_copy)
-        status = wait_for_queue(repo_copy)
+        run(["dvc", "queue", "start", "-j", "2"], faces_repo)
+        status = wait_for_queue(faces_repo)
     finally:
         subprocess.run(
             [str(BIN / "dvc"), "queue", "stop", "--kill"],
-            cwd=repo_copy,
+            cwd=faces_repo,
             env=environment(),
             capture_output=True,
         )
     assert status.count("Success") == 2, status
 
-    shown = experiments(json.loads(run(["dvc", "exp", "show", "--json"], repo_copy).stdout))
+    shown = experiments(json.loads(run(["dvc", "exp", "show", "--json"], faces_repo).stdout))
     assert len(shown) == 2, shown.keys()
     for data in shown.values():
         assert 0 <= data["metrics"][EVALUATE_METRICS]["data"]["scratch"]["accuracy"] <= 1
 
-    client = MlflowClient(f"sqlite:///{repo_copy / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{faces_repo / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("cnnpipe").experiment_id])
     by_name = {name: [r for r in runs if r.data.tags.get("dvc_exp_name") == name] for name in shown}
     for name, exp_runs in by_name.items():
@@ -79,7 +74,7 @@ def test_two_queued_experiments_run_in_parallel_and_both_land_in_mlflow(repo_cop
         assert train.data.params["train.lr"] == str(lr)
         # artifacts live in the repository, not in the deleted temporary workspace
         artifacts = Path(train.info.artifact_uri.removeprefix("file://"))
-        assert artifacts.is_relative_to(repo_copy / "mlruns"), artifacts
+        assert artifacts.is_relative_to(faces_repo / "mlruns"), artifacts
         assert (artifacts / "learning_curves.png").is_file()
     first, second = (
         [min(r.info.start_time for r in rs), max(r.info.end_time for r in rs)]

@@ -5,18 +5,15 @@ from __future__ import annotations
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import write_params
-from shell import FACES, commit, run
+from shell import run
 
 
-def test_retrain_pulls_runs_the_overrides_pushes_and_summarises(repo_copy, tmp_path):
-    write_params(repo_copy, FACES)
-    commit(repo_copy, "tiny params")
+def test_retrain_pulls_runs_the_overrides_pushes_and_summarises(faces_repo, tmp_path):
     remote, summary = tmp_path / "remote", tmp_path / "summary.md"
 
     result = run(
         ["cnnpipe", "retrain", "--remote", str(remote), "--set", "train.lr=0.01"],
-        repo_copy,
+        faces_repo,
         GITHUB_STEP_SUMMARY=str(summary),
     )
     steps = [line for line in result.stdout.splitlines() if line.startswith("retrain: ")]
@@ -27,23 +24,24 @@ def test_retrain_pulls_runs_the_overrides_pushes_and_summarises(repo_copy, tmp_p
         "retrain: compare with main",
         f"retrain: summary appended to $GITHUB_STEP_SUMMARY ({summary})",
     ]
-    assert yaml.safe_load((repo_copy / "params.yaml").read_text())["train"]["lr"] == 0.01
+    assert yaml.safe_load((faces_repo / "params.yaml").read_text())["train"]["lr"] == 0.01
     text = summary.read_text()
     lr_row = next(line for line in text.splitlines() if "| train.lr " in line)
     assert [cell.strip() for cell in lr_row.split("|")[3:5]] == ["0.003", "0.01"], text
     assert "reports/evaluate/metrics.json" in text and "scratch.accuracy" in text, text
 
     # The outputs are in the remote; the remote's address stays out of the committed config.
-    cloud = run(["dvc", "status", "--cloud"], repo_copy)
+    cloud = run(["dvc", "status", "--cloud"], faces_repo)
     assert "in sync" in cloud.stdout, cloud.stdout
-    assert any(remote.rglob("*")) and "ci" not in (repo_copy / ".dvc" / "config").read_text()
-    client = MlflowClient(f"sqlite:///{repo_copy / 'mlflow.db'}")
+    assert any(remote.rglob("*")) and "ci" not in (faces_repo / ".dvc" / "config").read_text()
+    client = MlflowClient(f"sqlite:///{faces_repo / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("cnnpipe").experiment_id])
-    assert len(runs) == 5 and all(r.data.tags.get("dvc_exp_name") for r in runs)
+    assert sorted(r.data.tags["cnnpipe.stage"] for r in runs) == ["evaluate", "train"]  # lr
+    assert all(r.data.tags.get("dvc_exp_name") for r in runs)
 
     # Without a remote: no pull, no push, the summary on stdout; nothing left to rerun.
-    run(["dvc", "remote", "remove", "--local", "ci"], repo_copy)
-    again = run(["cnnpipe", "retrain", "--set", "train.lr=0.01"], repo_copy)
+    run(["dvc", "remote", "remove", "--local", "ci"], faces_repo)
+    again = run(["cnnpipe", "retrain", "--set", "train.lr=0.01"], faces_repo)
     assert "retrain: skip dvc pull: no DVC remote configured" in again.stdout
     assert "retrain: skip dvc push: no DVC remote configured" in again.stdout
     assert "## cnnpipe retrain" in again.stdout

@@ -12,8 +12,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cnnpipe import tracking
-from conftest import copy_repo, write_params
-from shell import BIN, FACES, environment, free_port, mlflow_server, run, stop
+from conftest import FACES, copy_repo, write_params
+from shell import BIN, environment, free_port, mlflow_server, run, stop
 
 STAGES = ("prepare", "augment", "train", "transfer", "evaluate")
 LOST_EPOCHS = 30  # long enough that the server is killed while they run
