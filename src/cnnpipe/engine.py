@@ -80,9 +80,9 @@ def keep_freed_memory() -> None:
 
     By default glibc serves blocks above 128 KiB from fresh mappings and returns them to the
     kernel when freed, so every CPU training step page-faults its activations in again. Raising
-    the mmap threshold (to glibc's 32 MiB maximum) and the trim threshold keeps them: the source
-    document's network trains about 1.7x faster on CPU (docs/benchmarks.md). Process-wide;
-    nothing happens where the C library is not glibc.
+    the mmap threshold (to glibc's 32 MiB maximum) and the trim threshold keeps them: a step of
+    the source document's network on CPU runs about 2x faster (docs/benchmarks.md).
+    Process-wide; nothing happens where the C library is not glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
