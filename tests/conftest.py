@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -13,6 +12,8 @@ import pytest
 import yaml
 from PIL import Image
 from sklearn.datasets import load_digits
+
+from shell import commit, run
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the environment's console scripts: dvc, cnnpipe, mlflow
@@ -116,14 +117,6 @@ def copy_repo(target: Path) -> Path:
     return target
 
 
-def run(command: list[str], cwd: Path, expect: int = 0) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
-    assert result.returncode == expect, result.stdout + result.stderr
-    return result
-
-
 def repro_tiny(target: Path) -> Path:
     repo = copy_repo(target)
     write_params(repo, TINY)
@@ -147,8 +140,7 @@ def faces_baseline(tmp_path_factory) -> Path:
     shutil.rmtree(repo / "mlruns")
     for store in ("mlflow.db", "mlflow.db.lock"):
         (repo / store).unlink(missing_ok=True)
-    run(["git", "add", "-A"], repo)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], repo)
+    commit(repo, "baseline")
     return repo
 
 

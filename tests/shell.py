@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,8 @@ from cnnpipe import tracking
 
 BIN = Path(sys.executable).parent
 # Settings of the developer's shell that would send a test's runs or data elsewhere.
+# Longer than any one command of the suite takes here (a tiny `dvc repro`: about a minute).
+COMMAND_TIMEOUT_S = 600
 OUTSIDE = ("MLFLOW_TRACKING_URI", "DVC_REMOTE_URL", "GITHUB_STEP_SUMMARY", "DVC_EXP_NAME")
 
 
@@ -26,13 +29,44 @@ def environment(**extra: str) -> dict[str, str]:
 
 
 def run(
-    command: list[str], cwd: Path, expect: int = 0, **extra_env: str
+    command: list[str],
+    cwd: Path,
+    expect: int | None = 0,
+    timeout_s: float = COMMAND_TIMEOUT_S,
+    **extra_env: str,
 ) -> subprocess.CompletedProcess:
-    """Run `command` (a venv executable by name, or anything on PATH); check its exit status."""
-    result = subprocess.run(
-        command, cwd=cwd, env=environment(**extra_env), capture_output=True, text=True
+    """Run `command` (a venv executable by name, or anything on PATH); check its exit status
+    is `expect` (any status with None).
+
+    Output goes to files, not pipes: a daemon the command leaves behind (`dvc queue start`
+    forks its workers with our descriptors) would otherwise hold the pipes open and block us
+    until it exits. A command still running after `timeout_s` is killed with its process
+    group, and the test fails with what it printed."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=environment(**extra_env),
+            stdout=out,
+            stderr=err,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            process.wait(timeout=timeout_s)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            timed_out = True
+        out.seek(0)
+        err.seek(0)
+        result = subprocess.CompletedProcess(command, process.returncode, out.read(), err.read())
+    assert not timed_out, (
+        f"{command} still ran after {timeout_s:.0f} s:\n{result.stdout}{result.stderr}"
     )
-    assert result.returncode == expect, result.stdout + result.stderr
+    assert expect is None or result.returncode == expect, result.stdout + result.stderr
     return result
 
 

@@ -6,24 +6,29 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import time
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from shell import BIN, environment, run
+from shell import run
 
 EVALUATE_METRICS = "reports/evaluate/metrics.json"
 
 
-def wait_for_queue(repo: Path, timeout_s: float = 900) -> str:
+def wait_for_queue(repo: Path, timeout_s: float = 600) -> str:
+    """`dvc queue status` once nothing is queued or running; on timeout, fail with the
+    status and the queue workers' logs."""
     deadline = time.monotonic() + timeout_s
     while True:
-        status = run(["dvc", "queue", "status"], repo).stdout
+        status = run(["dvc", "queue", "status"], repo, timeout_s=120).stdout
         if not re.search(r"\b(Queued|Running)\b", status):
             return status
-        assert time.monotonic() < deadline, status
+        if time.monotonic() > deadline:
+            logs = sorted((repo / ".dvc" / "tmp" / "exps").rglob("*.out"))
+            raise AssertionError(
+                "\n".join([status, *(f"{p}:\n{p.read_text()[-3000:]}" for p in logs)])
+            )
         time.sleep(3)
 
 
@@ -49,12 +54,7 @@ def test_two_queued_experiments_run_in_parallel_and_both_land_in_mlflow(faces_re
         run(["dvc", "queue", "start", "-j", "2"], faces_repo)
         status = wait_for_queue(faces_repo)
     finally:
-        subprocess.run(
-            [str(BIN / "dvc"), "queue", "stop", "--kill"],
-            cwd=faces_repo,
-            env=environment(),
-            capture_output=True,
-        )
+        run(["dvc", "queue", "stop", "--kill"], faces_repo, expect=None, timeout_s=120)
     assert status.count("Success") == 2, status
 
     shown = experiments(json.loads(run(["dvc", "exp", "show", "--json"], faces_repo).stdout))

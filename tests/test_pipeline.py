@@ -10,7 +10,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from cnnpipe import store
-from conftest import BIN, TINY, repro_tiny, run, write_params
+from conftest import BIN, TINY, repro_tiny, write_params
+from shell import run
 
 STAGES = ("prepare", "augment", "train", "transfer", "evaluate")
 

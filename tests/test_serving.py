@@ -21,7 +21,8 @@ from cnnpipe import store, tracking
 from cnnpipe.params import Params
 from cnnpipe.report import ModelResult
 from cnnpipe.stages.evaluate import promote
-from conftest import BIN, run
+from conftest import BIN
+from shell import run
 
 MODEL = "cnnpipe-classifier"
 
