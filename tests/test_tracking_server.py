@@ -1,9 +1,12 @@
 """The pipeline against a real `mlflow server` on 127.0.0.1 (SQLite backend, served artifacts):
 runs and artifacts arrive; a server that is down stops a stage in one line; a server lost
-during training or evaluation does not stop the stage."""
+during training or evaluation does not stop the stage (evaluate then skips the registry)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -88,6 +91,30 @@ def test_a_server_lost_during_training_does_not_stop_it(tracked_repo, tmp_path):
     assert "best_val_accuracy" in (tracked_repo / "reports/train/metrics.json").read_text()
 
 
+def test_a_server_lost_during_evaluate_skips_the_registry_and_says_so(tracked_repo, tmp_path):
+    folder = tmp_path / "lost"
+    with mlflow_server(folder) as (uri, process):
+        evaluation = subprocess.Popen(
+            [str(BIN / "cnnpipe"), "evaluate"],
+            cwd=tracked_repo,
+            text=True,
+            env=environment(MLFLOW_TRACKING_URI=uri),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        wait_for_a_run(folder / "server.db", evaluation)  # evaluate's own run has started
+        stop(process)
+        out, err = evaluation.communicate(timeout=600)
+    assert evaluation.returncode == 0, out + err
+    assert f"warning: MLflow server {uri} unreachable; not sent: " in err, err
+    report = (tracked_repo / "reports/report.md").read_text()
+    assert "not registered: the MLflow server was lost during evaluate" in report, report
+    assert "run `dvc repro --force evaluate`" in report
+    assert {"scratch", "transfer"} <= json.loads(
+        (tracked_repo / "reports/evaluate/metrics.json").read_text()
+    ).keys()
+
+
 def test_results_for_an_earlier_run_do_not_fail_on_a_lost_server(tmp_path, monkeypatch):
     """What evaluate does: test metrics written back into the train run, the server gone."""
     with mlflow_server(tmp_path / "lost") as (uri, process):
@@ -113,3 +140,29 @@ def wait_for_first_epoch(client: MlflowClient, training: subprocess.Popen) -> in
             return len(history)
         time.sleep(0.1)
     raise AssertionError("no epoch reached the server")
+
+
+def wait_for_a_run(database: Path, stage: subprocess.Popen) -> None:
+    """Until the server's SQLite store holds a run (read directly: the test kills the server
+    next, and this answers without a request)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert stage.poll() is None, stage.communicate()
+        with (
+            contextlib.suppress(sqlite3.OperationalError),  # no table yet, or busy
+            contextlib.closing(sqlite3.connect(database, timeout=1)) as db,
+        ):
+            if db.execute("SELECT count(*) FROM runs").fetchone()[0]:
+                return
+        time.sleep(0.05)
+    raise AssertionError("no run reached the server")
+
+
+def test_a_stage_that_fails_on_a_lost_server_says_so_in_one_line(monkeypatch):
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    error = tracking.lost_server_error()
+    assert str(error).startswith(f"MLflow tracking server {uri} was lost (")
+    assert str(error).endswith("start it again, then rerun the stage (dvc repro)")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    assert tracking.lost_server_error() is None

@@ -89,6 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"cnnpipe {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Exception:
+        from cnnpipe import tracking
+
+        lost = tracking.lost_server_error()
+        if lost is None:
+            raise
+        print(f"cnnpipe {args.command}: error: {lost}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

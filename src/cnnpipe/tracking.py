@@ -143,6 +143,19 @@ def check_server() -> str:
     return uri
 
 
+def lost_server_error() -> UserError | None:
+    """For a stage that failed: the one-line error to show instead of the traceback when its
+    tracking server has stopped answering since `check_server` found it (None otherwise)."""
+    uri = tracking_uri()
+    reason = server_unreachable(uri) if is_server(uri) else None
+    if reason is None:
+        return None
+    return UserError(
+        f"MLflow tracking server {uri} was lost ({reason}): start it again, then rerun "
+        "the stage (dvc repro)"
+    )
+
+
 def _client(experiment: str | None = None) -> MlflowClient:
     """A client of the store, with `experiment` created if missing."""
     uri = check_server()
@@ -176,14 +189,25 @@ class StageRun:
     """The active MLflow run of one stage execution. With `log_images` off, pictures that
     show data (`log_data_figure`) are not logged; aggregate pictures (`log_figure`) are.
 
-    Every call goes through `_send`: once the tracking server is lost, nothing more is sent
-    (no waiting on retries each epoch); what was not sent is listed in warnings instead."""
+    Every call, starting the run included, goes through `_send`: once the tracking server is
+    lost, nothing more is sent (no waiting on retries each epoch); what was not sent is listed
+    in warnings instead."""
 
-    def __init__(self, run: mlflow.ActiveRun, uri: str, log_images: bool):
-        self.run_id = run.info.run_id
+    def __init__(self, uri: str, log_images: bool):
+        self.run_id: str | None = None  # None until the server has answered `start`
         self.uri = uri
         self.log_images = log_images
         self.not_sent: list[str] = []
+
+    def start(
+        self, experiment: str, run_name: str, tags: dict[str, str], params: dict[str, object]
+    ) -> None:
+        def start_run() -> None:
+            mlflow.set_experiment(experiment)
+            self.run_id = mlflow.start_run(run_name=run_name, tags=tags).info.run_id
+
+        self._send("the run itself", start_run)
+        self._send("params", lambda: mlflow.log_params(params))
 
     def _send(self, what: str, call: Callable[[], object], even_if_lost: bool = False) -> None:
         if self.not_sent and not even_if_lost:
@@ -205,10 +229,11 @@ class StageRun:
     def end(self, status: str) -> None:
         """End the run (one last try to record `status`, the server may be back) and list
         what the server did not get."""
-        self._send(f"run status {status}", lambda: mlflow.end_run(status), even_if_lost=True)
+        if self.run_id is not None:
+            self._send(f"run status {status}", lambda: mlflow.end_run(status), even_if_lost=True)
         if self.not_sent:
             print(
-                f"warning: MLflow server {self.uri} was lost; run {self.run_id} lacks: "
+                f"warning: MLflow server {self.uri} was lost; run {self.run_id or '(none)'} lacks: "
                 + "; ".join(self.not_sent),
                 file=sys.stderr,
             )
@@ -305,7 +330,6 @@ def stage_run(
         yield _OtherRank()
         return
     _client(experiment)
-    mlflow.set_experiment(experiment)
     tags = {STAGE_TAG: stage, "git_commit": _git_commit()}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
@@ -314,8 +338,8 @@ def stage_run(
     for upstream_stage, run_id in (upstream or {}).items():
         tags[UPSTREAM_TAG.format(stage=upstream_stage)] = run_id or "not found"
     run_name = f"{stage}-{model}" if model else stage
-    run = StageRun(mlflow.start_run(run_name=run_name, tags=tags), tracking_uri(), log_images)
-    run._send("params", lambda: mlflow.log_params(params))
+    run = StageRun(tracking_uri(), log_images)
+    run.start(experiment, run_name, tags, params)
     status = "FINISHED"
     try:
         yield run
