@@ -16,9 +16,9 @@ from pathlib import Path
 from cnnpipe import tracking
 
 BIN = Path(sys.executable).parent
-# Settings of the developer's shell that would send a test's runs or data elsewhere.
 # Longer than any one command of the suite takes here (a tiny `dvc repro`: about a minute).
 COMMAND_TIMEOUT_S = 600
+# Settings of the developer's shell that would send a test's runs or data elsewhere.
 OUTSIDE = ("MLFLOW_TRACKING_URI", "DVC_REMOTE_URL", "GITHUB_STEP_SUMMARY", "DVC_EXP_NAME")
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cnnpipe import tracking
+from cnnpipe import cli, tracking
 from conftest import FACES, copy_repo, write_params
 from shell import BIN, environment, free_port, mlflow_server, run, stop
 
@@ -130,6 +130,39 @@ def test_results_for_an_earlier_run_do_not_fail_on_a_lost_server(tmp_path, monke
     assert evaluation.not_sent == [f"test results for run {train.run_id}", "run status FINISHED"]
 
 
+def test_a_server_lost_before_the_run_is_created_does_not_stop_the_stage(tmp_path, monkeypatch):
+    with mlflow_server(tmp_path / "lost") as (uri, process):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        tracking.check_server()
+        stop(process)  # found at the start, gone before the run is created
+        run = tracking.StageRun(uri, log_images=True)
+        run.start("exp", "train", {}, {"train.lr": 0.01})
+        run.log_metrics({"val_accuracy": 0.5}, step=1)
+        run.end("FINISHED")
+    assert run.run_id is None and run.server_lost()
+    assert run.not_sent == ["the run itself", "params", "epoch 1 metrics (val_accuracy)"]
+
+
+def test_a_stage_failing_on_a_lost_server_says_so_in_one_line(monkeypatch, capsys):
+    def talks_to_the_server(stage: str) -> int:
+        raise ConnectionError("the tracking server went away mid-stage")
+
+    monkeypatch.setattr(cli, "run_stage", talks_to_the_server)
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert cli.main(["evaluate"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"cnnpipe evaluate: error: MLflow tracking server {uri} was lost ("
+    ), lines
+    assert lines[0].endswith("start it again, then rerun the stage (dvc repro)")
+    # with a store that answers, the failure is not the server's: its traceback stays
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    with pytest.raises(ConnectionError):
+        cli.main(["evaluate"])
+
+
 def wait_for_first_epoch(client: MlflowClient, training: subprocess.Popen) -> int:
     """How many epochs the server holds once it holds one (the train run's val_accuracy)."""
     deadline = time.monotonic() + 300
@@ -157,13 +190,3 @@ def wait_for_a_run(database: Path, stage: subprocess.Popen) -> None:
                 return
         time.sleep(0.05)
     raise AssertionError("no run reached the server")
-
-
-def test_a_stage_that_fails_on_a_lost_server_says_so_in_one_line(monkeypatch):
-    uri = f"http://127.0.0.1:{free_port()}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    error = tracking.lost_server_error()
-    assert str(error).startswith(f"MLflow tracking server {uri} was lost (")
-    assert str(error).endswith("start it again, then rerun the stage (dvc repro)")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
-    assert tracking.lost_server_error() is None
