@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from cnnpipe.errors import UserError
-from cnnpipe.params import PARAMS_FILE, TrackingParams, load_params
+from cnnpipe.params import load_params
 
 STAGES = ("prepare", "augment", "train", "transfer", "evaluate")
 DISTRIBUTED_STAGES = ("train", "transfer")
@@ -44,15 +44,14 @@ def run_stage(stage: str) -> int:
 
 
 def predict(paths: list[Path], model_dir: Path | None) -> int:
-    from cnnpipe import serving, tracking
+    """Classify files with a model folder, or with the registered champion (named by
+    params.yaml's `tracking.registered_model`)."""
+    from cnnpipe import registry, serving
 
     if model_dir is not None:
-        if not (model_dir / "meta.json").exists():
-            raise UserError(f"{model_dir} is not a model folder (no meta.json): try models/scratch")
-        classifier = serving.ImageClassifier.from_folder(model_dir)
+        classifier = serving.ImageClassifier(model_dir)
     else:
-        tracking_params = load_params().tracking if PARAMS_FILE.exists() else TrackingParams()
-        classifier = tracking.load_champion(tracking_params.registered_model)
+        classifier = serving.load(registry.champion_uri(load_params().tracking.registered_model))
     answers = serving.predict_files(classifier, paths)
     for path, answer in answers:
         print(f"{path}: {answer}")

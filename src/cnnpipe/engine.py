@@ -26,17 +26,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from cnnpipe import models
+from cnnpipe import networks
 from cnnpipe.errors import UserError
-
-
-@dataclass(frozen=True)
-class Split:
-    images: np.ndarray  # uint8, N x H x W x 3 (may be memory-mapped)
-    labels: np.ndarray  # int64, N
-
-    def __len__(self) -> int:
-        return len(self.labels)
+from cnnpipe.store import Split
 
 
 @dataclass
@@ -197,13 +189,13 @@ def predict_probabilities(
     device: torch.device,
     batch_size: int = 256,
 ) -> np.ndarray:
-    return models.probabilities(predict_logits(model, images, norm, device, batch_size)).numpy()
+    return networks.probabilities(predict_logits(model, images, norm, device, batch_size)).numpy()
 
 
 def _loss_and_accuracy(logits: torch.Tensor, labels: np.ndarray) -> tuple[float, float]:
     targets = torch.from_numpy(np.asarray(labels))
-    predicted = models.predicted_classes(logits)
-    return models.loss(logits, targets).item(), (predicted == targets).double().mean().item()
+    predicted = networks.predicted_classes(logits)
+    return networks.loss(logits, targets).item(), (predicted == targets).double().mean().item()
 
 
 @dataclass
@@ -336,13 +328,13 @@ class Trainer:
                 targets = torch.from_numpy(self.train.labels[index]).to(self.device)
                 with autocast(self.device):
                     logits = net(inputs)
-                batch_loss = models.loss(logits, targets)
+                batch_loss = networks.loss(logits, targets)
                 optimizer.zero_grad(set_to_none=True)
                 batch_loss.backward()
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
-                correct = (models.predicted_classes(logits.detach()) == targets).sum()
+                correct = (networks.predicted_classes(logits.detach()) == targets).sum()
                 count = totals.new_tensor(len(index))
                 totals += torch.stack([batch_loss.detach() * len(index), correct, count])
                 bar.update(len(index))

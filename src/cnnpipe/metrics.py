@@ -37,6 +37,12 @@ def score(labels: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> 
     }
 
 
+def confusion(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """Counts with rows = actual class, columns = predicted class (scikit-learn's order)."""
+    everyone = list(range(probabilities.shape[1]))
+    return skm.confusion_matrix(labels, probabilities.argmax(1), labels=everyone)
+
+
 def reliability(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, np.ndarray]:
     """Per confidence bin: mean confidence, accuracy and count (equal-width bins)."""
     confidence = probabilities.max(axis=1)

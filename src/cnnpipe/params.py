@@ -1,33 +1,40 @@
-"""Typed params: one class per `params.yaml` section, validated before a stage does any work."""
+"""Typed params: one class per `params.yaml` section, validated before a stage does any work.
+
+`params.yaml` is the only source of values: no field has a default here, so a missing section
+or key is an error that names it, never a silent fallback. Types are strict (`true` is not an
+epoch count), and a key written twice is an error.
+"""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cnnpipe import models
 from cnnpipe.errors import UserError
+from cnnpipe.layout import PARAMS_FILE
 
-PARAMS_FILE = Path("params.yaml")
 SOURCE_PATTERN = re.compile(
     r"^(builtin:(digits|faces)|folder:.+|torchvision:(CIFAR10|CIFAR100|MNIST|FashionMNIST|KMNIST))$"
 )
+Device = Literal["auto", "cpu", "cuda"]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class DataParams(Section):
-    source: str = "builtin:digits"
-    image_size: int = Field(32, ge=8, le=512)
-    val_fraction: float = Field(0.15, gt=0, lt=0.5)
-    test_fraction: float = Field(0.2, gt=0, lt=0.5)
-    on_bad_image: Literal["skip", "fail"] = "skip"
-    workers: int = Field(0, ge=0, le=256)
+    source: str
+    image_size: int = Field(ge=8, le=512)
+    val_fraction: float = Field(gt=0, lt=0.5)
+    test_fraction: float = Field(gt=0, lt=0.5)
+    on_bad_image: Literal["skip", "fail"]
+    workers: int = Field(ge=0, le=256)
 
     @field_validator("source")
     @classmethod
@@ -41,99 +48,140 @@ class DataParams(Section):
 
 
 class AugmentParams(Section):
-    copies: int = Field(1, ge=0, le=50)
-    rotate_limit: float = Field(10, ge=0, le=180)
-    rotate_p: float = Field(0.5, ge=0, le=1)
-    hflip_p: float = Field(0.0, ge=0, le=1)
-    shift_limit: float = Field(0.1, ge=0, le=0.5)
-    scale_limit: float = Field(0.1, ge=0, le=0.5)
-    shift_scale_p: float = Field(0.5, ge=0, le=1)
-    brightness_limit: float = Field(0.2, ge=0, le=1)
-    contrast_limit: float = Field(0.2, ge=0, le=1)
-    brightness_contrast_p: float = Field(0.5, ge=0, le=1)
+    copies: int = Field(ge=0, le=50)
+    rotate_limit: float = Field(ge=0, le=180)
+    rotate_p: float = Field(ge=0, le=1)
+    hflip_p: float = Field(ge=0, le=1)
+    shift_limit: float = Field(ge=0, le=0.5)
+    scale_limit: float = Field(ge=0, le=0.5)
+    shift_scale_p: float = Field(ge=0, le=1)
+    brightness_limit: float = Field(ge=0, le=1)
+    contrast_limit: float = Field(ge=0, le=1)
+    brightness_contrast_p: float = Field(ge=0, le=1)
 
 
-class TrainParams(Section):
-    model: Literal["seed_cnn", "small_cnn"] = "small_cnn"
-    epochs: int = Field(10, ge=1, le=1000)
-    batch_size: int = Field(64, ge=1, le=4096)
-    lr: float = Field(2e-3, gt=0, le=1)
-    weight_decay: float = Field(0.0, ge=0, le=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    deterministic: bool = True
-    nproc: int = Field(1, ge=1, le=1024)
+class TrainingParams(Section):
+    """What every training stage has: the model from the table, the loop and where it runs."""
+
+    STAGE: ClassVar[str]  # which stage's models `model` may name
+    model: str
+    epochs: int = Field(ge=1, le=1000)
+    batch_size: int = Field(ge=1, le=4096)
+    lr: float = Field(gt=0, le=1)
+    weight_decay: float = Field(ge=0, le=1)
+    device: Device
+    deterministic: bool
+    nproc: int = Field(ge=1, le=1024)
+
+    @field_validator("model")
+    @classmethod
+    def _in_the_model_table(cls, model: str) -> str:
+        allowed = models.names(cls.STAGE)
+        if model not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return model
 
 
-class TransferParams(Section):
-    backbone: Literal["efficientnet_lite0", "resnet18", "mobilenet_v3_small", "efficientnet_b0"] = (
-        "efficientnet_lite0"
-    )
-    weights: Literal["imagenet", "none"] = "imagenet"
-    input_size: int = Field(64, ge=16, le=512)
-    frozen_epochs: int = Field(2, ge=0, le=1000)
-    finetune_epochs: int = Field(3, ge=0, le=1000)
-    batch_size: int = Field(64, ge=1, le=4096)
-    head_lr: float = Field(3e-3, gt=0, le=1)
-    backbone_lr: float = Field(3e-4, gt=0, le=1)
-    weight_decay: float = Field(0.0, ge=0, le=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    deterministic: bool = True
-    nproc: int = Field(1, ge=1, le=1024)
+class TrainParams(TrainingParams):
+    STAGE: ClassVar[str] = "train"
 
-    @property
-    def epochs(self) -> int:
-        return self.frozen_epochs + self.finetune_epochs
+
+class TransferParams(TrainingParams):
+    STAGE: ClassVar[str] = "transfer"
+    weights: Literal["imagenet", "none"]
+    input_size: int = Field(ge=16, le=512)
+    frozen_epochs: int = Field(ge=0, le=1000)
+    backbone_lr: float = Field(gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _frozen_within_epochs(self) -> TransferParams:
+        if self.frozen_epochs > self.epochs:
+            raise ValueError(
+                f"frozen_epochs ({self.frozen_epochs}) cannot exceed epochs ({self.epochs})"
+            )
+        return self
 
 
 class EvaluateParams(Section):
-    batch_size: int = Field(256, ge=1, le=65536)
-    select_metric: Literal["accuracy", "macro_f1", "roc_auc"] = "accuracy"
-    gradcam_images: int = Field(8, ge=0, le=64)
-    misclassified_images: int = Field(16, ge=0, le=64)
+    batch_size: int = Field(ge=1, le=65536)
+    select_metric: Literal["accuracy", "macro_f1", "roc_auc"]
+    gradcam_images: int = Field(ge=0, le=64)
+    misclassified_images: int = Field(ge=0, le=64)
 
 
 class TrackingParams(Section):
-    experiment: str = Field("cnnpipe", min_length=1)
-    registered_model: str = Field("cnnpipe-classifier", min_length=1)
-    log_images: bool = True
+    experiment: str = Field(min_length=1, max_length=200)
+    registered_model: str = Field(min_length=1, max_length=200, pattern=r"^[\w.\- ]+$")
+    log_images: bool
 
 
 class Params(Section):
-    seed: int = Field(42, ge=0, le=2**32 - 1)
-    data: DataParams = DataParams()
-    augment: AugmentParams = AugmentParams()
-    train: TrainParams = TrainParams()
-    transfer: TransferParams = TransferParams()
-    evaluate: EvaluateParams = EvaluateParams()
-    tracking: TrackingParams = TrackingParams()
-
-    @field_validator("transfer")
-    @classmethod
-    def _some_epochs(cls, transfer: TransferParams) -> TransferParams:
-        if transfer.epochs < 1:
-            raise ValueError("frozen_epochs + finetune_epochs must be at least 1")
-        return transfer
+    seed: int = Field(ge=0, le=2**32 - 1)
+    data: DataParams
+    augment: AugmentParams
+    train: TrainParams
+    transfer: TransferParams
+    evaluate: EvaluateParams
+    tracking: TrackingParams
 
 
-def _describe(error: dict, raw: dict) -> str:
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a key written twice in one mapping, and reads
+    `1e-3` as a number as YAML 1.2 does (PyYAML's YAML 1.1 needs `1.0e-3`)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _describe(error: dict) -> str:
     """One line for one pydantic error: the dotted key, the bad value and what is allowed."""
     key = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
         return f"unknown key '{key}' (remove it or check its spelling)"
-    value = error.get("input", raw)
-    return f"{key} = {value!r}: {error['msg']}"
+    if error["type"] == "missing":
+        return f"'{key}' is missing (add it; the repository's params.yaml lists every key)"
+    return f"{key} = {error['input']!r}: {error['msg']}"
+
+
+def read_yaml(path: Path) -> object:
+    """The parsed file, or a one-line `UserError` for a missing, unreadable or invalid one."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+        return yaml.load(text, Loader=_StrictLoader)
+    except FileNotFoundError:
+        raise UserError(f"{path} not found: run cnnpipe from the repository root") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a directory, not a params file") from None
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"{path} is not UTF-8 text (byte {err.start}): is it a binary file?"
+        ) from None
+    except yaml.YAMLError as err:
+        raise UserError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
 
 
 def load_params(path: Path = PARAMS_FILE) -> Params:
     """Read and validate `params.yaml`; a bad file raises `UserError` with a one-line reason."""
-    if not path.exists():
-        raise UserError(f"{path} not found: run cnnpipe from the repository root")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    raw = read_yaml(path)
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must be a mapping of sections (seed, data, ...), not {raw!r:.40}")
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(_describe(e, raw) for e in err.errors())
+        problems = "; ".join(_describe(e) for e in err.errors())
         raise UserError(f"{path}: {problems}") from None

@@ -50,22 +50,24 @@ def confusion_matrix(matrix: np.ndarray, classes: list[str], title: str) -> Figu
 
     size = max(4.0, 0.45 * len(classes) + 2)
     figure, ax = plt.subplots(figsize=(size, size))
+    # rows = actual, columns = predicted, as in reports/evaluate/predictions_*.csv plots
     ConfusionMatrixDisplay(matrix, display_labels=classes).plot(ax=ax, colorbar=False)
     ax.set_title(title)
     figure.tight_layout()
     return figure
 
 
-def learning_curves(history: list[dict]) -> Figure:
-    epochs = [row["epoch"] for row in history]
+def learning_curves(history: list[dict], title: str) -> Figure:
+    """Loss and accuracy per epoch, train and val in their own colours."""
+    epochs = [int(row["epoch"]) for row in history]
     figure, (loss_ax, accuracy_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
     for split in ("train", "val"):
         loss_ax.plot(epochs, [row[f"{split}_loss"] for row in history], marker="o", label=split)
         accuracy_ax.plot(
             epochs, [row[f"{split}_accuracy"] for row in history], marker="o", label=split
         )
-    loss_ax.set(title="loss", xlabel="epoch")
-    accuracy_ax.set(title="accuracy", xlabel="epoch")
+    loss_ax.set(title=f"loss: {title}", xlabel="epoch", ylabel="loss")
+    accuracy_ax.set(title=f"accuracy: {title}", xlabel="epoch", ylabel="accuracy")
     loss_ax.legend()
     figure.tight_layout()
     return figure

@@ -1,54 +1,72 @@
-"""`reports/report.md`: scratch and transfer side by side, the chosen model and why."""
+"""`reports/report.md`: the scratch and transfer models side by side, the chosen one and why."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+# The headline scores: `reports/evaluate/metrics.json` (dvc exp show), the MLflow runs'
+# `test_*` metrics and the report's first table.
+HEADLINE = (
+    ("accuracy", "accuracy", "{:.4f}"),
+    ("macro-F1", "macro_f1", "{:.4f}"),
+    ("ROC-AUC", "roc_auc", "{:.4f}"),
+    ("expected calibration error", "ece", "{:.4f}"),
+)
+COSTS = (
+    ("latency per image (ms)", "latency_ms", "{:.2f}"),
+    ("parameters", "parameters", "{:,.0f}"),
+    ("weights file (MB)", "file_mb", "{:.2f}"),
+)
 
 
 @dataclass
 class ModelResult:
     name: str  # scratch | transfer
     architecture: str
-    scores: dict
+    scores: dict  # headline scores, plus per-class precision, recall and support
     costs: dict
     figures: list[str] = field(default_factory=list)  # file names under reports/figures
 
+    def headline(self) -> dict[str, float]:
+        return {key: self.scores[key] for _, key, _ in HEADLINE}
 
-ROWS = [
-    ("accuracy", "accuracy", "{:.4f}"),
-    ("macro-F1", "macro_f1", "{:.4f}"),
-    ("ROC-AUC", "roc_auc", "{:.4f}"),
-    ("expected calibration error", "ece", "{:.4f}"),
-]
-COST_ROWS = [
-    ("latency per image (ms)", "latency_ms", "{:.2f}"),
-    ("parameters", "parameters", "{:,.0f}"),
-    ("weights file (MB)", "file_mb", "{:.2f}"),
-]
+    def test_metrics(self) -> dict[str, float]:
+        """What MLflow records of it: headline scores and costs, as `test_<name>`."""
+        return {f"test_{k}": v for k, v in (self.headline() | self.costs).items()}
+
+
+def per_class_rows(results: list[ModelResult]) -> list[dict]:
+    """One row per class: its test support, and each model's precision and recall."""
+    return [
+        {"class": name, "support": support}
+        | {
+            f"{r.name}_{score}": round(r.scores[score][name], 6)
+            for r in results
+            for score in ("precision", "recall")
+        }
+        for name, support in results[0].scores["support"].items()
+    ]
 
 
 def _table(results: list[ModelResult]) -> list[str]:
     lines = ["| | " + " | ".join(f"{r.name} ({r.architecture})" for r in results) + " |"]
     lines.append("|---" * (len(results) + 1) + "|")
-    for label, key, fmt in ROWS:
+    for label, key, fmt in HEADLINE:
         lines.append(
             f"| {label} | " + " | ".join(fmt.format(r.scores[key]) for r in results) + " |"
         )
-    for label, key, fmt in COST_ROWS:
+    for label, key, fmt in COSTS:
         lines.append(f"| {label} | " + " | ".join(fmt.format(r.costs[key]) for r in results) + " |")
     return lines
 
 
 def _per_class(results: list[ModelResult]) -> list[str]:
-    header = "| class | support | " + " | ".join(
-        f"{r.name} precision | {r.name} recall" for r in results
-    )
-    lines = [header + " |", "|---" * (2 + 2 * len(results)) + "|"]
-    for name, support in results[0].scores["support"].items():
-        cells = [
-            f"{r.scores['precision'][name]:.3f} | {r.scores['recall'][name]:.3f}" for r in results
-        ]
-        lines.append(f"| {name} | {support} | " + " | ".join(cells) + " |")
+    rows = per_class_rows(results)
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    for row in rows:
+        cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -88,3 +106,16 @@ def render(
         lines += ["", f"## {result.name} ({result.architecture})", ""]
         lines += [f"![{f}](figures/{f})" for f in result.figures]
     return "\n".join(lines) + "\n"
+
+
+def summary(results: list[ModelResult], chosen: ModelResult, registry_note: str) -> str:
+    """What evaluate prints: both test accuracies, the chosen model, the registry decision."""
+    scores = ", ".join(f"{r.name} ({r.architecture}) {r.scores['accuracy']:.4f}" for r in results)
+    return "\n".join(
+        [
+            f"test accuracy: {scores}",
+            f"chosen: {chosen.name} ({chosen.architecture})",
+            f"registry: {registry_note}",
+            "report: reports/report.md (figures in reports/figures/)",
+        ]
+    )

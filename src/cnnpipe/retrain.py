@@ -23,9 +23,9 @@ from pathlib import Path
 
 from cnnpipe import tracking
 from cnnpipe.errors import UserError
+from cnnpipe.layout import REPORT
 
 REMOTE_NAME = "ci"
-REPORT = Path("reports/report.md")
 BASELINES = ("main", "origin/main", "HEAD")
 
 

@@ -1,25 +1,37 @@
 """The model others call: raw images in, class names and probabilities out.
 
-`ImageClassifier` is the MLflow pyfunc logged by train and transfer; it wraps a model folder
-and does its own decoding, resizing and normalisation, so callers send images as they are.
+`ImageClassifier` wraps a model folder and does its own decoding, resizing and normalisation,
+so callers send images as they are. Train and transfer log it as an MLflow model whose loader
+is this module (`loader_module`): what MLflow stores is data (weights, meta.json), never code or
+a pickle, and `load` reads a logged model without running anything from it.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-import warnings
+from importlib.metadata import version
 from pathlib import Path
-from types import SimpleNamespace
 
-import mlflow.pyfunc
+import mlflow
 import numpy as np
 import pandas as pd
 import torch
+import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types.schema import AnyType, ColSpec, DataType, Schema
 from PIL import Image, ImageOps
 
-from cnnpipe import engine, models
+from cnnpipe import engine, layout, networks, store
+from cnnpipe.errors import UserError
 from cnnpipe.sources import UnreadableImage, read_image
+
+PYFUNC_REQUIREMENTS = [
+    f"{name}=={version(name)}"
+    for name in ("torch", "torchvision", "timm", "pillow", "pandas", "numpy", "mlflow", "pydantic")
+]
 
 
 def decode_image(data: bytes | str, image_size: int) -> np.ndarray:
@@ -74,38 +86,88 @@ def prediction_table(probabilities: np.ndarray, classes: list[str]) -> pd.DataFr
     return table
 
 
-# MLflow suggests type hints on `predict` for its own input validation; the signature logged
-# with the model already describes the input, and the model accepts more than one form.
-warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method")
+class ImageClassifier:
+    """A model folder (`weights.pt` + `meta.json`) that takes raw images: a DataFrame column
+    `image` whose cells are encoded files (bytes or base64 text) or uint8 H x W x 3 arrays, or
+    such arrays directly. Output: one row per image with `class`, `probability` and one
+    probability column per class."""
+
+    def __init__(self, model_dir: Path):
+        self.model, self.meta = networks.load_trained(model_dir)
+        self.norm = engine.Normalisation(self.meta.mean, self.meta.std)
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """uint8 images of the model's size -> N x classes probabilities."""
+        return engine.predict_probabilities(self.model, images, self.norm, torch.device("cpu"))
+
+    def predict(self, model_input, params=None) -> pd.DataFrame:
+        try:
+            batch = to_batch(model_input, self.meta.image_size)
+        except UnreadableImage as err:
+            raise MlflowException(
+                f"cannot read an image: {err}", error_code=INVALID_PARAMETER_VALUE
+            ) from None
+        return prediction_table(self.probabilities(batch), self.meta.classes)
 
 
-class ImageClassifier(mlflow.pyfunc.PythonModel):
-    """Input: a DataFrame column `image` whose cells are encoded files (bytes or base64 text)
-    or uint8 H x W x 3 arrays; or such arrays directly. Output: one row per image with
-    `class`, `probability` and one probability column per class."""
+def _load_pyfunc(data_path: str) -> ImageClassifier:
+    """MLflow's entry point for this model flavour (`loader_module: cnnpipe.serving`): the
+    model is code of this package plus data, never a pickle."""
+    return ImageClassifier(Path(data_path))
 
-    @classmethod
-    def from_folder(cls, model_dir: Path) -> ImageClassifier:
-        classifier = cls()
-        classifier.load_context(SimpleNamespace(artifacts={"model_dir": str(model_dir)}))
-        return classifier
 
-    def load_context(self, context) -> None:
-        self.model, self.meta = models.load_trained(Path(context.artifacts["model_dir"]))
-        self.norm = engine.Normalisation(tuple(self.meta["mean"]), tuple(self.meta["std"]))
+def output_schema(classes: list[str]) -> Schema:
+    return Schema(
+        [ColSpec(DataType.string, "class"), ColSpec(DataType.double, "probability")]
+        + [ColSpec(DataType.double, name) for name in classes]
+    )
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        batch = to_batch(model_input, self.meta["image_size"])
-        probabilities = engine.predict_probabilities(
-            self.model, batch, self.norm, torch.device("cpu")
+
+def log_model(target: layout.TrainedModel, example_images: np.ndarray) -> None:
+    """Log `target`'s model folder to the active run as an MLflow model named after it
+    (`scratch-small_cnn`): loaded by this module, with an input example of PNG files."""
+    meta = store.read_model_meta(target.folder)
+    example = encoded(example_images)
+    example["image"] = [base64.b64encode(data).decode() for data in example["image"]]
+    mlflow.pyfunc.log_model(
+        name=f"{target.name}-{meta.architecture}",
+        loader_module=__name__,
+        data_path=str(target.folder),
+        # `image` cells are encoded files or pixel arrays: only MLflow's AnyType takes both
+        signature=ModelSignature(
+            Schema([ColSpec(AnyType(), "image")]), output_schema(meta.classes)
+        ),
+        input_example=example,
+        pip_requirements=PYFUNC_REQUIREMENTS,
+    )
+
+
+def load(model_uri: str) -> ImageClassifier:
+    """The classifier of a logged or registered model, read as data: its MLmodel must name
+    this module as the loader (no code or pickle from the model runs), its weights load with
+    `weights_only` and its meta.json is validated. Anything else is a one-line `UserError`."""
+    local = Path(mlflow.artifacts.download_artifacts(model_uri))
+    try:
+        flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+        data = (local / flavor["data"]).resolve()
+    except (OSError, yaml.YAMLError, KeyError, TypeError, UnicodeDecodeError) as err:
+        raise UserError(f"{model_uri}: its MLmodel file is not a cnnpipe model ({err})") from None
+    if (
+        flavor.get("loader_module") != __name__
+        or flavor.get("code")
+        or not data.is_relative_to(local.resolve())
+    ):
+        raise UserError(
+            f"{model_uri} is not loaded by {__name__} (MLmodel names "
+            f"{flavor.get('loader_module')!r}): refusing to run its code"
         )
-        return prediction_table(probabilities, self.meta["classes"])
+    return ImageClassifier(data)
 
 
 def predict_files(classifier: ImageClassifier, paths: list[Path]) -> list[tuple[Path, str]]:
     """One line of answer per file: `class (probability)`, or why the file could not be read.
     Readable files are predicted together, in one batch."""
-    size = classifier.meta["image_size"]
+    size = classifier.meta.image_size
     decoded, answers = {}, {}
     for path in paths:
         try:
@@ -115,7 +177,7 @@ def predict_files(classifier: ImageClassifier, paths: list[Path]) -> list[tuple[
         except OSError as err:
             answers[path] = f"error: {err.strerror or err}"
     if decoded:
-        table = classifier.predict(None, np.stack(list(decoded.values())))
+        table = classifier.predict(np.stack(list(decoded.values())))
         for path, row in zip(decoded, table.itertuples(index=False), strict=True):
             answers[path] = f"{row[0]} ({row[1]:.3f})"
     return [(path, answers[path]) for path in paths]

@@ -7,16 +7,31 @@ A split folder holds `<split>/images.npy` (uint8, N x H x W x 3, memory-mappable
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import json
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cnnpipe.errors import UserError
+from cnnpipe.models import MODELS
 
 SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # uint8, N x H x W x 3 (may be memory-mapped)
+    labels: np.ndarray  # int64, N
+
+    def __len__(self) -> int:
+        return len(self.labels)
 
 
 @contextlib.contextmanager
@@ -113,11 +128,11 @@ class SplitWriter:
             self.images.close()
 
 
-def read_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+def read_split(folder: Path, split: str) -> Split:
     """Images memory-mapped (read lazily), labels in memory."""
     images = np.load(folder / split / "images.npy", mmap_mode="r")
     labels = np.load(folder / split / "labels.npy")
-    return images, labels
+    return Split(images, labels)
 
 
 def read_classes(folder: Path) -> list[str]:
@@ -135,28 +150,87 @@ def fingerprint(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def write_model_folder(folder: Path, state_dict: dict, meta: dict) -> None:
+class ModelMeta(BaseModel):
+    """`meta.json` of a model folder: how to rebuild the network and feed it images."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    architecture: str
+    classes: list[str] = Field(min_length=2)
+    image_size: int = Field(ge=8, le=512)
+    input_size: int | None = Field(None, ge=16, le=512)  # transfer models: the backbone's size
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    best_epoch: int = Field(ge=1)
+
+    @field_validator("architecture")
+    @classmethod
+    def _known(cls, architecture: str) -> str:
+        if architecture not in MODELS:
+            raise ValueError(f"unknown architecture (known: {', '.join(MODELS)})")
+        return architecture
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, std: tuple[float, ...]) -> tuple[float, ...]:
+        if min(std) <= 0:
+            raise ValueError("every std must be above 0")
+        return std
+
+
+def write_model_folder(folder: Path, state_dict: dict, meta: ModelMeta) -> None:
     """A model folder: `weights.pt` (a state dict) and `meta.json` (how to rebuild and feed it)."""
     import torch
 
     with atomic_dir(folder) as staging:
         torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, staging / "weights.pt")
-        write_json(staging / "meta.json", meta)
+        write_json(staging / "meta.json", meta.model_dump(mode="json", exclude_none=True))
 
 
-def read_model_folder(folder: Path) -> tuple[dict, dict]:
+def read_model_meta(folder: Path) -> ModelMeta:
+    """The folder's `meta.json`, or a one-line `UserError` naming the file and the problem."""
+    path = folder / "meta.json"
+    try:
+        return ModelMeta.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        raise UserError(f"{path} not found: {folder} is not a model folder") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a directory, not a model's meta.json") from None
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "the file"
+        raise UserError(f"{path}: {where}: {first['msg']} (retrain the model)") from None
+
+
+def read_weights(folder: Path) -> dict:
+    """`weights.pt` as a state dict, unpickled with `weights_only=True`: a file holding anything
+    but tensors is refused in one line, never run."""
+    import pickle
+
     import torch
 
-    meta = read_json(folder / "meta.json")
-    state_dict = torch.load(folder / "weights.pt", map_location="cpu", weights_only=True)
-    return state_dict, meta
+    path = folder / "weights.pt"
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path} not found: {folder} is not a model folder") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path} was refused: not a plain state dict ({reason[:200]})") from None
+    if not isinstance(state_dict, dict):
+        raise UserError(f"{path} holds a {type(state_dict).__name__}, not a state dict")
+    return state_dict
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    import csv
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def read_csv(path: Path) -> list[dict[str, float]]:
+    """A numeric CSV written by `write_csv` (a history), as rows of floats."""
+    with path.open(newline="") as stream:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(stream)]

@@ -1,9 +1,11 @@
-"""Every MLflow call in cnnpipe lives here.
+"""MLflow runs: every tracking call of the stages lives here (the registry's in registry.py).
 
-One experiment; one run per stage execution, named after the stage (and model). Each run is
-tagged with a fingerprint of what the stage wrote, so a later stage finds the run that produced
-its inputs by hashing them: no run id has to be stored in an output, and outputs stay
-byte-identical between reproducible runs.
+One experiment (marked as model development, so MLflow's UI opens on its training runs); one
+run per stage execution, named after the stage (and model); one pipeline run per `dvc repro`
+or `dvc exp run`, named after the experiment, that holds every param and both test results.
+Each stage run is tagged with a fingerprint of what the stage wrote, so a later stage finds
+the run that produced its inputs by hashing them: no run id has to be stored in an output, and
+outputs stay byte-identical between reproducible runs.
 
 The store is an SQLite file or a tracking server. A server that does not answer when a stage
 starts stops the stage with one line; a server lost while a stage runs does not stop it: what
@@ -13,38 +15,39 @@ could not be sent is named in a warning, and the stage's own metrics and plots f
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from importlib.metadata import version
 from pathlib import Path
-from types import SimpleNamespace
 
 import mlflow
-import numpy as np
 from filelock import FileLock
 from matplotlib.figure import Figure
-from mlflow.entities import Metric
-from mlflow.entities.model_registry import ModelVersion
+from mlflow.entities import Metric, RunStatus
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature, infer_signature
 from mlflow.tracking import MlflowClient
-from mlflow.types.schema import AnyType, ColSpec, Schema
 
+from cnnpipe import layout
 from cnnpipe.errors import UserError
 
-CHAMPION = "champion"
 STAGE_TAG = "cnnpipe.stage"
 FINGERPRINT_TAG = "cnnpipe.fingerprint"
 UPSTREAM_TAG = "cnnpipe.upstream.{stage}"
-PYFUNC_REQUIREMENTS = [
-    f"{name}=={version(name)}"
-    for name in ("torch", "torchvision", "timm", "pillow", "pandas", "numpy", "mlflow")
-]
+PROCESS_TAG = "cnnpipe.process"  # host:pid of the stage, to tell a killed run from a live one
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+EXPERIMENT_NOTE = (
+    "cnnpipe's image classifiers. Each `dvc repro` or `dvc exp run` adds one **pipeline** run "
+    "named after the DVC experiment (or `workspace`) with every param and both models' test "
+    "scores, and one run per stage that ran: `prepare`, `augment`, `train-<model>` (the "
+    "scratch model), `transfer-<model>` (the transfer model), `evaluate`. Select a `train-…` "
+    "and a `transfer-…` run and press Compare: their params and test metrics share names."
+)
 HEALTH_TIMEOUT_S = 5
 # MLflow's HTTP client retries a failed request 7 times with doubling waits (minutes in all);
 # a stage that lost its server should notice within seconds. Users can still set these.
@@ -53,6 +56,7 @@ HTTP_RETRY_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
+QUIET = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 
 def repo_root(start: Path | None = None) -> Path:
@@ -90,43 +94,6 @@ def server_unreachable(uri: str) -> str | None:
         return str(getattr(err, "reason", err))
 
 
-def _artifact_location(uri: str, experiment: str) -> str | None:
-    """Where a new experiment keeps its artifacts. A server decides for itself. With SQLite,
-    MLflow's default is `./mlruns` under the working directory, which inside `dvc exp run`
-    is a temporary copy of the repository that DVC deletes: so always the repository's."""
-    return None if is_server(uri) else (repo_root() / "mlruns" / experiment).as_uri()
-
-
-@contextlib.contextmanager
-def _one_process_at_a_time(uri: str) -> Iterator[None]:
-    """Stages running in parallel (`dvc queue start -j 2`) on one new SQLite file race to create
-    its tables and the experiment ("duplicate column name"); a lock file next to it orders them.
-    Later writes are safe: MLflow sets SQLite's busy timeout (20 s) on every session."""
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
-    database = Path(uri.removeprefix("sqlite:///").split("?")[0])
-    database.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{database}.lock"):
-        yield
-
-
-@contextlib.contextmanager
-def champion_gate() -> Iterator[None]:
-    """Held while evaluate registers a model and decides who holds the champion alias.
-
-    Experiments that finish together (`dvc queue start -j 2`) would otherwise both find no
-    champion and both create the alias (a unique-constraint error in the registry), or both
-    compare against the same old champion. This orders the evaluates of one repository (queue
-    copies included); machines that share only a tracking server are not ordered by it.
-    """
-    root = repo_root()
-    folder = root / ".dvc" / "tmp" if (root / ".dvc").is_dir() else root
-    folder.mkdir(exist_ok=True)
-    with FileLock(str(folder / "cnnpipe-champion.lock")):
-        yield
-
-
 def check_server() -> str:
     """The tracking URI, after checking that a tracking server there answers (a UserError in
     one line if not), with MLflow's HTTP retries cut from minutes to seconds."""
@@ -156,33 +123,86 @@ def lost_server_error() -> UserError | None:
     )
 
 
-def _client(experiment: str | None = None) -> MlflowClient:
-    """A client of the store, with `experiment` created if missing."""
+def quoted(value: str) -> str:
+    """`value` as a string literal of an MLflow search filter (names are data, not syntax)."""
+    for quote in ("'", '"'):
+        if quote not in value:
+            return f"{quote}{value}{quote}"
+    raise UserError(f"{value!r} holds both kinds of quotes: MLflow cannot search for it")
+
+
+def _artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment keeps its artifacts. A server decides for itself. With SQLite,
+    MLflow's default is `./mlruns` under the working directory, which inside `dvc exp run`
+    is a temporary copy of the repository that DVC deletes: so always the repository's."""
+    return None if is_server(uri) else (repo_root() / "mlruns" / experiment).as_uri()
+
+
+@contextlib.contextmanager
+def _one_process_at_a_time(uri: str) -> Iterator[None]:
+    """Stages running in parallel (`dvc queue start -j 2`) on one new SQLite file race to create
+    its tables and the experiment ("duplicate column name"); a lock file next to it orders them.
+    Later writes are safe: MLflow sets SQLite's busy timeout (20 s) on every session."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    database = Path(uri.removeprefix("sqlite:///").split("?")[0])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{database}.lock"):
+        yield
+
+
+def _quiet_mlflow() -> None:
+    """MLflow's INFO lines (creating tables, detecting uv, copying files) and progress bars
+    say nothing a stage's user needs; its warnings still show."""
+    for name, value in QUIET.items():
+        os.environ.setdefault(name, value)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def client(experiment: str | None = None) -> MlflowClient:
+    """A client of the store, with `experiment` created (and described) if missing."""
     uri = check_server()
+    _quiet_mlflow()
     mlflow.set_tracking_uri(uri)
     with _one_process_at_a_time(uri):
-        client = MlflowClient(uri)  # with SQLite, this creates the tables
-        if experiment and client.get_experiment_by_name(experiment) is None:
-            client.create_experiment(experiment, _artifact_location(uri, experiment))
-    return client
+        store = MlflowClient(uri)  # with SQLite, this creates the tables
+        if experiment and store.get_experiment_by_name(experiment) is None:
+            store.create_experiment(
+                experiment,
+                _artifact_location(uri, experiment),
+                tags=EXPERIMENT_KIND | {"mlflow.note.content": EXPERIMENT_NOTE},
+            )
+    return store
 
 
-def flatten(params: dict, prefix: str = "") -> dict[str, object]:
-    flat = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
+def git_tags() -> dict[str, str]:
+    """MLflow's standard source tags for the commit the stage runs from: inside `dvc exp run`
+    that is the experiment's baseline commit, with the params DVC set on top (dirty)."""
+
+    def git(*args: str) -> str:
+        found = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
+        return found.stdout.strip() if found.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return {}
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return {
+        "mlflow.source.git.commit": commit,
+        "mlflow.source.git.dirty": str(dirty).lower(),
+        "mlflow.source.git.branch": git("rev-parse", "--abbrev-ref", "HEAD"),
+    }
 
 
-def _git_commit() -> str:
-    result = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
-    )
-    return result.stdout.strip() or "unknown"
+def execution_tags() -> dict[str, str]:
+    """The tags that tie a run to the code and the DVC experiment it ran in."""
+    tags = git_tags() | {"mlflow.source.name": "cnnpipe", "mlflow.source.type": "LOCAL"}
+    tags["dvc_exp_name"] = os.environ.get("DVC_EXP_NAME") or "workspace"
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        tags["dvc_exp_baseline"] = os.environ["DVC_EXP_BASELINE_REV"]
+    return tags
 
 
 class StageRun:
@@ -241,21 +261,6 @@ class StageRun:
     def server_lost(self) -> bool:
         return bool(self.not_sent)
 
-    def log_to_earlier_run(
-        self, run_id: str, metrics: dict[str, float], figures: dict[str, Figure]
-    ) -> None:
-        """Add results to an earlier (finished) run, e.g. test metrics to the train run."""
-
-        def send() -> None:
-            client = MlflowClient()
-            now = int(time.time() * 1000)
-            metric_list = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
-            client.log_batch(run_id, metrics=metric_list)
-            for artifact_file, figure in figures.items():
-                client.log_figure(run_id, figure, artifact_file)
-
-        self._send(f"test results for run {run_id}", send)
-
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """One batched request for all `metrics` (SQLite costs ~9 ms per call); `step` is the
         epoch."""
@@ -263,8 +268,18 @@ class StageRun:
         values = {k: float(v) for k, v in metrics.items()}
         self._send(f"{what} ({', '.join(values)})", lambda: mlflow.log_metrics(values, step=step))
 
+    def log_epoch(self, record: dict[str, float], images_per_second: float) -> None:
+        """One epoch's losses and accuracies (the `epoch` entry is the step)."""
+        metrics = {k: v for k, v in record.items() if k != "epoch"}
+        self.log_metrics(metrics | {"images_per_second": images_per_second}, step=record["epoch"])
+
     def log_dict(self, payload: object, artifact_file: str) -> None:
         self._send(artifact_file, lambda: mlflow.log_dict(payload, artifact_file))
+
+    def log_table(self, rows: list[dict], artifact_file: str) -> None:
+        """Rows of one dict each, shown as a table in the run's artifacts (and evaluation view)."""
+        columns = {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
+        self._send(artifact_file, lambda: mlflow.log_table(columns, artifact_file))
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self._send(artifact_file, lambda: mlflow.log_text(text, artifact_file))
@@ -276,35 +291,72 @@ class StageRun:
         if self.log_images:
             self.log_figure(figure, artifact_file)
 
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self._send(path.name, lambda: mlflow.log_artifact(str(path), artifact_path))
+    def log_report(self, report: Path, figures: Path) -> None:
+        """A Markdown report at the artifact root with its pictures beside it (`figures/`), so
+        its relative image links resolve in MLflow's artifact viewer."""
+
+        def send() -> None:
+            mlflow.log_artifact(str(report))
+            mlflow.log_artifacts(str(figures), figures.name)
+
+        self._send(report.name, send)
 
     def set_fingerprint(self, fingerprint: str) -> None:
         self._send("fingerprint tag", lambda: mlflow.set_tag(FINGERPRINT_TAG, fingerprint))
 
-    def log_classifier(self, model_dir: Path, example_images: np.ndarray) -> None:
-        """Log the model folder as the `ImageClassifier` pyfunc. Its signature takes a column
-        `image` of encoded image files (bytes; base64 text over HTTP) or H x W x 3 arrays."""
-        from cnnpipe.serving import ImageClassifier, encoded
+    def describe(self, text: str) -> None:
+        """The run's description in the MLflow UI (Markdown)."""
+        self._send("description", lambda: mlflow.set_tag("mlflow.note.content", text))
 
-        classifier = ImageClassifier()
-        classifier.load_context(SimpleNamespace(artifacts={"model_dir": str(model_dir)}))
-        example_input = encoded(example_images)
-        example_output = classifier.predict(None, example_input)
-        self._send(
-            "model",
-            lambda: mlflow.pyfunc.log_model(
-                name="model",
-                python_model=classifier,
-                artifacts={"model_dir": str(model_dir)},
-                signature=ModelSignature(
-                    Schema([ColSpec(AnyType(), "image")]),  # encoded file or pixel array
-                    infer_signature(example_input, example_output).outputs,
-                ),
-                code_paths=[str(Path(__file__).parent)],
-                pip_requirements=PYFUNC_REQUIREMENTS,
-            ),
-        )
+    def log_splits(
+        self, splits: dict[str, object], classes: list[str], data_hash: str, name: str
+    ) -> None:
+        """Record the splits a stage read as MLflow datasets, so the runs table's Dataset
+        column tells runs on other data apart: `name` is `data.source`, the digest the prepared
+        data's hash; `splits` maps a context (train, val, test) to a `store.Split`."""
+
+        def send() -> None:
+            from mlflow.data import from_numpy
+
+            datasets = [
+                from_numpy(
+                    split.images,
+                    source=str(layout.PREPARED.resolve()),
+                    targets=split.labels,
+                    name=name,
+                    digest=data_hash[:12],
+                )
+                for context, split in splits.items()
+            ]
+            tags = [{"classes": ", ".join(classes)[:250]} for _ in splits]
+            mlflow.log_inputs(datasets, contexts=list(splits), tags_list=tags)
+
+        self._send("datasets", send)
+
+    def log_results_once(self, run_id: str | None, metrics: dict[str, float], figures) -> None:
+        """Add evaluate's test results to the run that trained the model, the first time that
+        model is evaluated. Later evaluations record their own values in their own runs: a
+        run's results, once measured, stay as they were."""
+        if run_id is None:
+            return
+
+        def send() -> None:
+            store = MlflowClient()
+            if "test_accuracy" in store.get_run(run_id).data.metrics:
+                return
+            now = int(time.time() * 1000)
+            store.log_batch(
+                run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()]
+            )
+            for artifact_file, figure in figures.items():
+                store.log_figure(run_id, figure, f"test/{artifact_file}")
+
+        self._send(f"test results for run {run_id}", send)
+
+    def log_model(self, log: Callable[[], object]) -> None:
+        """Log a model to the run with `log` (e.g. `serving.log_model`), unless the server is
+        lost."""
+        self._send("model", log)
 
 
 class _OtherRank:
@@ -314,6 +366,41 @@ class _OtherRank:
 
     def __getattr__(self, name: str):
         return lambda *args, **kwargs: None
+
+
+def _this_process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def close_abandoned_runs(store: MlflowClient, experiment: str, stage: str) -> None:
+    """Mark runs of `stage` that a killed process left RUNNING on this machine as KILLED (a run
+    whose process is still alive, e.g. a parallel experiment, is left alone)."""
+    found = store.get_experiment_by_name(experiment)
+    if found is None:
+        return
+    running = store.search_runs(
+        [found.experiment_id],
+        filter_string=f"tags.`{STAGE_TAG}` = {quoted(stage)} and attributes.status = 'RUNNING'",
+    )
+    host = socket.gethostname()
+    for stale in running:
+        owner, _, pid = stale.data.tags.get(PROCESS_TAG, "").rpartition(":")
+        if owner == host and pid.isdigit() and not _alive(int(pid)):
+            store.set_terminated(stale.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+            print(
+                f"marked run {stale.info.run_id} of an earlier, killed {stage} as KILLED",
+                file=sys.stderr,
+            )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextlib.contextmanager
@@ -329,17 +416,15 @@ def stage_run(
     if os.environ.get("RANK", "0") != "0":
         yield _OtherRank()
         return
-    _client(experiment)
-    tags = {STAGE_TAG: stage, "git_commit": _git_commit()}
-    if os.environ.get("DVC_EXP_NAME"):
-        tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    store = client(experiment)
+    close_abandoned_runs(store, experiment, stage)
+    tags = execution_tags() | {STAGE_TAG: stage, PROCESS_TAG: _this_process()}
     if model:
         tags["model"] = model
     for upstream_stage, run_id in (upstream or {}).items():
         tags[UPSTREAM_TAG.format(stage=upstream_stage)] = run_id or "not found"
-    run_name = f"{stage}-{model}" if model else stage
     run = StageRun(tracking_uri(), log_images)
-    run.start(experiment, run_name, tags, params)
+    run.start(experiment, f"{stage}-{model}" if model else stage, tags, params)
     status = "FINISHED"
     try:
         yield run
@@ -352,15 +437,15 @@ def stage_run(
 
 def find_run(experiment: str, stage: str, fingerprint: str) -> str | None:
     """The newest finished run of `stage` that wrote outputs with this fingerprint."""
-    client = _client()
-    found = client.get_experiment_by_name(experiment)
+    store = client()
+    found = store.get_experiment_by_name(experiment)
     if found is None:
         return None
-    runs = client.search_runs(
+    runs = store.search_runs(
         [found.experiment_id],
         filter_string=(
-            f"tags.`{STAGE_TAG}` = '{stage}' and tags.`{FINGERPRINT_TAG}` = '{fingerprint}'"
-            " and attributes.status = 'FINISHED'"
+            f"tags.`{STAGE_TAG}` = {quoted(stage)} and tags.`{FINGERPRINT_TAG}` = "
+            f"{quoted(fingerprint)} and attributes.status = 'FINISHED'"
         ),
         order_by=["attributes.start_time DESC"],
         max_results=1,
@@ -368,48 +453,14 @@ def find_run(experiment: str, stage: str, fingerprint: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def champion(registered_model: str) -> ModelVersion | None:
-    """The version that holds the `champion` alias, if any."""
-    client = _client()
-    try:
-        return client.get_model_version_by_alias(registered_model, CHAMPION)
-    except MlflowException:
-        return None
+def find_runs(experiment: str, fingerprints: dict[str, str]) -> dict[str, str | None]:
+    """For each stage, its newest finished run that wrote outputs with that fingerprint."""
+    return {stage: find_run(experiment, stage, fp) for stage, fp in fingerprints.items()}
 
 
-def register(run_id: str, registered_model: str, tags: dict[str, str]) -> ModelVersion:
-    """Register the model logged by `run_id` (once: a run already registered keeps its
-    version) and tag the version, e.g. with the test data hash and its test metrics."""
-    client = _client()
-    existing = [
-        v
-        for v in client.search_model_versions(f"name = '{registered_model}'")
-        if v.run_id == run_id
-    ]
-    if existing:
-        version = existing[0]
-    else:
-        version = mlflow.register_model(f"runs:/{run_id}/model", registered_model)
-    for key, value in tags.items():
-        client.set_model_version_tag(registered_model, version.version, key, value)
-    return client.get_model_version(registered_model, version.version)
-
-
-def make_champion(registered_model: str, version: str) -> None:
-    _client().set_registered_model_alias(registered_model, CHAMPION, version)
-
-
-def load_classifier(model_uri: str):
-    """The `ImageClassifier` behind a logged or registered model (e.g. `models:/name@champion`)."""
-    _client()
-    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-
-
-def load_champion(registered_model: str):
-    """The champion's `ImageClassifier`, or a clear error when there is none yet."""
-    if champion(registered_model) is None:
-        raise UserError(
-            f"no champion of '{registered_model}' in {tracking_uri()}: run the pipeline "
-            "(dvc repro) first, or pass --model models/scratch"
-        )
-    return load_classifier(f"models:/{registered_model}@{CHAMPION}")
+def logged_model_uri(run_id: str) -> str:
+    """`models:/<model id>` of the model that `run_id` logged last."""
+    outputs = client().get_run(run_id).outputs
+    if outputs is None or not outputs.model_outputs:
+        raise UserError(f"run {run_id} logged no model: rerun its stage (dvc repro --force)")
+    return f"models:/{outputs.model_outputs[-1].model_id}"

@@ -14,11 +14,10 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from cnnpipe import plots, store, tracking
+from cnnpipe import layout, plots, store, tracking
+from cnnpipe.layout import AUGMENTED, PREPARED
 from cnnpipe.params import AugmentParams, Params
-from cnnpipe.stages.prepare import PREPARED
 
-AUGMENTED = Path("data/augmented")
 PREVIEW_IMAGES = 8
 
 
@@ -79,13 +78,17 @@ def write_augmented(
 
 def run(params: Params) -> None:
     augment = params.augment
-    logged = tracking.flatten({"seed": params.seed, "augment": augment.model_dump()})
     experiment = params.tracking.experiment
-    upstream = {"prepare": tracking.find_run(experiment, "prepare", store.fingerprint(PREPARED))}
+    upstream = tracking.find_runs(experiment, {"prepare": store.fingerprint(PREPARED)})
     with tracking.stage_run(
-        "augment", experiment, logged, upstream=upstream, log_images=params.tracking.log_images
+        "augment",
+        experiment,
+        layout.stage_params("augment", params),
+        upstream=upstream,
+        log_images=params.tracking.log_images,
     ) as mlrun:
-        images, labels = store.read_split(PREPARED, "train")
+        train = store.read_split(PREPARED, "train")
+        images, labels = train.images, train.labels
         policy = build_policy(augment, params.seed)
         started = time.perf_counter()
         with store.atomic_dir(AUGMENTED) as staging:
@@ -102,8 +105,9 @@ def run(params: Params) -> None:
         mlrun.log_dict(A.to_dict(policy), "policy.json")
         if extra:
             shown = np.asarray(images[:PREVIEW_IMAGES])
-            copies = store.read_split(AUGMENTED, "train")[0][len(images) : len(images) + len(shown)]
-            figure = plots.before_after(shown, np.asarray(copies))
+            augmented = store.read_split(AUGMENTED, "train").images
+            copies = np.asarray(augmented[len(images) : len(images) + len(shown)])
+            figure = plots.before_after(shown, copies)
             mlrun.log_data_figure(figure, "preview.png")
             plots.close(figure)
     print(f"wrote {len(images)} train images and {extra} augmented copies to {AUGMENTED}")

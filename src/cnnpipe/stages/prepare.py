@@ -16,13 +16,11 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
-from cnnpipe import plots, store, tracking
+from cnnpipe import layout, plots, store, tracking
 from cnnpipe.errors import UserError
+from cnnpipe.layout import PREPARE_REPORT, PREPARED
 from cnnpipe.params import Params
 from cnnpipe.sources import BadImage, ImageStream, open_source
-
-PREPARED = Path("data/prepared")
-REPORT = Path("reports/prepare.json")
 
 
 def split_indices(
@@ -90,9 +88,11 @@ def _counts(labels: dict[str, np.ndarray], classes: list[str]) -> dict[str, dict
 
 def run(params: Params) -> None:
     data = params.data
-    logged = tracking.flatten({"seed": params.seed, "data": data.model_dump()})
     with tracking.stage_run(
-        "prepare", params.tracking.experiment, logged, log_images=params.tracking.log_images
+        "prepare",
+        params.tracking.experiment,
+        layout.stage_params("prepare", params),
+        log_images=params.tracking.log_images,
     ) as mlrun:
         started = time.perf_counter()
         workers = data.workers or os.cpu_count() or 1
@@ -104,11 +104,11 @@ def run(params: Params) -> None:
             bad_images = write_splits(stream, splits, staging, data.image_size)
             store.write_json(staging / "classes.json", stream.classes)
         seconds = time.perf_counter() - started
-        labels = {split: store.read_split(PREPARED, split)[1] for split in store.SPLITS}
+        written = {split: store.read_split(PREPARED, split) for split in store.SPLITS}
+        labels = {split: written[split].labels for split in store.SPLITS}
         images = sum(map(len, labels.values()))
         data_hash = store.fingerprint(PREPARED)
         counts = _counts(labels, stream.classes)
-        bad_reasons = Counter(bad.kind for bad in bad_images)
         report = {
             "data_hash": data_hash,
             "image_size": data.image_size,
@@ -116,18 +116,23 @@ def run(params: Params) -> None:
             "images": counts,
             "bad_images": [vars(bad) for bad in bad_images],
         }
-        store.write_json_atomic(REPORT, report)
+        store.write_json_atomic(PREPARE_REPORT, report)
 
         mlrun.set_fingerprint(data_hash)
+        mlrun.log_splits(written, stream.classes, data_hash, data.source)
         mlrun.log_metrics(
             {f"images.{split}": len(split_labels) for split, split_labels in labels.items()}
-            | {f"images.{split}.{name}": n for split, c in counts.items() for name, n in c.items()}
-            | {"bad_images": len(bad_images), "images_per_second": images / seconds}
-            | {f"bad_images.{reason}": n for reason, n in bad_reasons.items()}
+            | {"classes": len(stream.classes), "images_per_second": images / seconds}
+            | {"bad_images": len(bad_images)}
+            | {f"bad_images.{kind}": n for kind, n in Counter(b.kind for b in bad_images).items()}
+        )
+        mlrun.log_table(
+            [{"class": c} | {split: counts[split][c] for split in counts} for c in stream.classes],
+            "images_per_class.json",
         )
         mlrun.log_dict(report, "prepare_report.json")
-        train_images, train_labels = store.read_split(PREPARED, "train")
-        figure = plots.samples_per_class(train_images, train_labels, stream.classes)
+        train = written["train"]
+        figure = plots.samples_per_class(train.images, train.labels, stream.classes)
         mlrun.log_data_figure(figure, "samples.png")
         plots.close(figure)
     for bad in bad_images:

@@ -1,0 +1,129 @@
+"""`dvc.yaml` against the stage table in `cnnpipe.layout`, and `dvc.lock` against the code.
+
+No DVC runs here: `dvc.yaml` is read as YAML, the stages' code deps are derived from their
+imports (every `cnnpipe` module a stage module imports, directly or through another module,
+at the top or inside a function), and `dvc.lock`'s hashes are compared with the files.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cnnpipe import layout
+from conftest import REPO
+
+SOURCE = REPO / "src"
+DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
+
+
+def imported_modules(module: str) -> set[str]:
+    """`module` and every `cnnpipe` module it imports, transitively."""
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = SOURCE / Path(*name.split("."))
+        tree = ast.parse((path / "__init__.py" if path.is_dir() else path.with_suffix(".py"))
+                         .read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                todo += [a.name for a in node.names if a.name.startswith("cnnpipe.")]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cnnpipe"):
+                todo += [
+                    f"{node.module}.{a.name}"
+                    if (SOURCE / node.module.replace(".", "/") / f"{a.name}.py").exists()
+                    else node.module
+                    for a in node.names
+                ]
+    return {name for name in seen if name != "cnnpipe"}
+
+
+def code_deps(stage: str) -> set[str]:
+    return {
+        f"src/{name.replace('.', '/')}.py" for name in imported_modules(f"cnnpipe.stages.{stage}")
+    }
+
+
+def declared(stage: str) -> dict:
+    return DVC_YAML["stages"][stage]
+
+
+def out_paths(entries: list) -> dict[str, dict]:
+    """dvc.yaml outs/metrics/plots entries as {path: options}."""
+    found = {}
+    for entry in entries or []:
+        path, options = next(iter(entry.items())) if isinstance(entry, dict) else (entry, {})
+        found[path] = options or {}
+    return found
+
+
+def test_the_pipeline_is_the_layouts_stages_in_order():
+    assert list(DVC_YAML["stages"]) == list(layout.STAGES)
+
+
+@pytest.mark.parametrize("stage", list(layout.STAGES))
+def test_each_stage_declares_the_params_the_layout_says_it_reads(stage):
+    assert declared(stage)["params"] == list(layout.STAGES[stage].params)
+    assert declared(stage)["cmd"] == f"cnnpipe {stage}"
+
+
+@pytest.mark.parametrize("stage", list(layout.STAGES))
+def test_each_stage_depends_on_its_data_and_every_module_it_imports(stage):
+    deps = set(declared(stage)["deps"])
+    data = {str(path) for path in layout.STAGES[stage].deps}
+    assert data <= deps, f"{stage} misses data deps {sorted(data - deps)}"
+    code = {dep for dep in deps if dep.startswith("src/")}
+    imported = code_deps(stage)
+    assert code == imported, (
+        f"{stage}: dvc.yaml lacks {sorted(imported - code)}, lists unused {sorted(code - imported)}"
+    )
+
+
+@pytest.mark.parametrize("stage", list(layout.STAGES))
+def test_each_stage_writes_the_layouts_outputs(stage):
+    spec, entry = layout.STAGES[stage], declared(stage)
+    outs = out_paths(entry.get("outs")) | out_paths(entry.get("metrics"))
+    outs |= out_paths(entry.get("plots"))
+    assert set(outs) == {str(p) for p in (*spec.outs, *spec.committed, *spec.persist)}
+    for path in spec.committed:
+        assert outs[str(path)].get("cache") is False, f"{path} should be committed (cache: false)"
+    for path in spec.persist:
+        assert outs[str(path)].get("persist") is True, path
+
+
+def test_the_stage_table_finds_a_missing_import():
+    """What the dependency test catches: evaluate draws with plots.py, so a dvc.yaml without
+    it would leave reports/figures stale after a change to a plot."""
+    assert "src/cnnpipe/plots.py" in code_deps("evaluate")
+    assert "src/cnnpipe/stages/augment.py" not in code_deps("evaluate")
+
+
+def test_no_stage_imports_another_stage():
+    for stage in layout.STAGES:
+        others = {f"cnnpipe.stages.{s}" for s in layout.STAGES if s != stage}
+        assert not imported_modules(f"cnnpipe.stages.{stage}") & others, stage
+
+
+def test_dvc_lock_matches_the_code_it_was_made_with():
+    """A fresh clone starts from a baseline that matches its code: after changing code a stage
+    depends on, rerun `uv run dvc repro` and commit dvc.lock."""
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())
+    stale = []
+    for name, stage in lock["stages"].items():
+        for dep in stage.get("deps", []):
+            path = REPO / dep["path"]
+            if dep["path"].endswith(".py"):
+                digest = hashlib.md5(path.read_bytes()).hexdigest() if path.exists() else "gone"
+                if digest != dep["md5"]:
+                    stale.append(f"{name}: {dep['path']}")
+        declared_code = {d for d in declared(name)["deps"] if d.endswith(".py")}
+        locked_code = {d["path"] for d in stage.get("deps", []) if d["path"].endswith(".py")}
+        assert declared_code == locked_code, f"{name}: dvc.lock predates dvc.yaml's deps"
+    assert not stale, f"dvc.lock is out of step with: {stale}; rerun uv run dvc repro"
