@@ -13,6 +13,7 @@ import yaml
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from cnnpipe.params import preset
 from shell import commit, run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,25 +63,22 @@ def mlflow_store(module_mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> str
     return module_mlflow_uri
 
 
-def write_params(folder: Path, overrides: dict) -> None:
-    """params.yaml in `folder`: the repository's defaults with `overrides` merged in."""
+def write_params(folder: Path, overrides: dict[str, object]) -> None:
+    """params.yaml in `folder`: the repository's with `overrides` (`section.key` -> value, as
+    `dvc exp run -S` takes them) set."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section, values in overrides.items():
-        if isinstance(values, dict):
-            params[section].update(values)
-        else:
-            params[section] = values
+    for key, value in overrides.items():
+        *sections, leaf = key.split(".")
+        table = params
+        for section in sections:
+            table = table[section]
+        table[leaf] = value
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-TINY = {
-    "data": {"image_size": 16},
-    "augment": {"copies": 1},
-    "train": {"model": "seed_cnn", "epochs": 2, "batch_size": 32},
-    "transfer": {"input_size": 16, "frozen_epochs": 1, "finetune_epochs": 1, "batch_size": 32},
-}
+TINY = preset("tiny", REPO / "presets")
 # TINY on 200 LFW crops instead of 1,797 digits: for tests about DVC and MLflow, not accuracy.
-FACES = TINY | {"data": TINY["data"] | {"source": "builtin:faces"}}
+FACES = TINY | {"data.source": "builtin:faces"}
 
 
 @pytest.fixture

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from cnnpipe import engine, models
+from cnnpipe import engine, networks
+from cnnpipe.store import Split
 from cnnpipe.sources import load_source
 
 NORM = engine.Normalisation((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -17,8 +18,8 @@ def _digits_splits():
     order = np.random.default_rng(0).permutation(len(loaded.labels))
     train, val = order[:600], order[600:900]
     return (
-        engine.Split(loaded.images[train], loaded.labels[train]),
-        engine.Split(loaded.images[val], loaded.labels[val]),
+        Split(loaded.images[train], loaded.labels[train]),
+        Split(loaded.images[val], loaded.labels[val]),
     )
 
 
@@ -48,7 +49,7 @@ def test_ranks_get_disjoint_equal_shards_of_one_permutation():
 def _fit(data, epochs, checkpoint, until=None):
     train, val = data
     engine.make_deterministic(0, True)
-    model = models.create_model("small_cnn", num_classes=10, image_size=12)
+    model = networks.build("small_cnn", num_classes=10, image_size=12)
     trainer = engine.Trainer(model, train, val, NORM, CPU, 64, 0, epochs, checkpoint)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
@@ -82,7 +83,7 @@ def test_a_checkpoint_for_other_params_is_set_aside(tmp_path, capsys):
 def test_trainer_learns_digits_and_keeps_the_best_epoch():
     train, val = _digits_splits()
     engine.make_deterministic(0, True)
-    model = models.create_model("seed_cnn", num_classes=10, image_size=12)
+    model = networks.build("seed_cnn", num_classes=10, image_size=12)
     epochs_seen = []
     trainer = engine.Trainer(
         model,

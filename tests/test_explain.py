@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from cnnpipe import engine, explain, models
+from cnnpipe import engine, explain, networks
 from cnnpipe.sources import load_source
 
 NORM = engine.Normalisation((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -10,7 +10,7 @@ NORM = engine.Normalisation((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 def test_gradcam_maps_are_normalised_images_that_follow_the_input():
     loaded = load_source("builtin:digits", 16)
     torch.manual_seed(0)
-    model = models.create_model("small_cnn", num_classes=10, image_size=16)
+    model = networks.build("small_cnn", num_classes=10, image_size=16)
     images = loaded.images[:4]
     heat = explain.gradcam(model, images, loaded.labels[:4], NORM)
     assert heat.shape == (4, 16, 16)
@@ -19,7 +19,7 @@ def test_gradcam_maps_are_normalised_images_that_follow_the_input():
 
 
 def test_gradcam_explains_both_classes_of_a_sigmoid_model():
-    model = models.create_model("seed_cnn", num_classes=2, image_size=16)
+    model = networks.build("seed_cnn", num_classes=2, image_size=16)
     images = load_source("builtin:faces", 16).images[:2]
     for target in (0, 1):
         heat = explain.gradcam(model, images, np.array([target, target]), NORM)

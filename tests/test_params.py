@@ -2,19 +2,38 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
+from cnnpipe import layout, models
 from cnnpipe.errors import UserError
-from cnnpipe.params import load_params
+from cnnpipe.params import Params, load_params, preset
 from conftest import REPO, write_params
 
+PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 
-def test_repository_params_are_valid_and_complete():
+
+def test_repository_params_load_with_every_value_from_the_file():
     params = load_params(REPO / "params.yaml")
-    assert params.data.source == "builtin:digits"
-    assert params.train.device in {"auto", "cpu", "cuda"}
-    assert params.transfer.backbone == "efficientnet_lite0"
-    assert params.transfer.weights == "imagenet"
-    assert params.tracking.experiment
+    for section, values in PARAMS.items():
+        if isinstance(values, dict):
+            assert getattr(params, section).model_dump() == values, section
+        else:
+            assert getattr(params, section) == values
+
+
+def test_no_param_has_a_default_in_code():
+    """params.yaml is the only source of values: a default in code could silently differ."""
+
+    def fields(model) -> list:
+        found = []
+        for name, field in model.model_fields.items():
+            found.append((f"{model.__name__}.{name}", field.is_required()))
+            annotation = field.annotation
+            if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+                found += fields(annotation)
+        return found
+
+    assert all(required for _, required in fields(Params)), fields(Params)
 
 
 def test_every_key_in_params_yaml_has_a_comment():
@@ -23,16 +42,27 @@ def test_every_key_in_params_yaml_has_a_comment():
             assert "#" in line, f"uncommented key: {line.strip()}"
 
 
+def test_allowed_models_come_from_the_model_table(tmp_path):
+    assert models.names("train") == ["seed_cnn", "small_cnn"]
+    assert "efficientnet_lite0" in models.names("transfer")
+    write_params(tmp_path, {"train.model": "resnet18"})
+    with pytest.raises(UserError, match=r"train.model = 'resnet18': .*seed_cnn, small_cnn"):
+        load_params(tmp_path / "params.yaml")
+
+
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ({"train": {"epochs": 0}}, "train.epochs = 0: Input should be greater than or equal to 1"),
-        ({"train": {"epochs": "many"}}, "train.epochs = 'many'"),
-        ({"train": {"device": "tpu"}}, "train.device = 'tpu': Input should be 'auto', 'cpu' or"),
-        ({"train": {"colour": 1}}, "unknown key 'train.colour'"),
+        ({"train.epochs": 0}, "train.epochs = 0: Input should be greater than or equal to 1"),
+        ({"train.epochs": "many"}, "train.epochs = 'many': Input should be a valid integer"),
+        ({"train.epochs": True}, "train.epochs = True: Input should be a valid integer"),
+        ({"train.lr": True}, "train.lr = True: Input should be a valid number"),
+        ({"train.device": "tpu"}, "train.device = 'tpu': Input should be 'auto', 'cpu' or"),
+        ({"train.colour": 1}, "unknown key 'train.colour'"),
         ({"surprise": 1}, "unknown key 'surprise'"),
-        ({"data": {"source": "s3://bucket"}}, "data.source = 's3://bucket': Value error, must be"),
-        ({"transfer": {"frozen_epochs": 0, "finetune_epochs": 0}}, "transfer = "),
+        ({"data.source": "s3://bucket"}, "data.source = 's3://bucket': Value error, must be"),
+        ({"transfer.frozen_epochs": 9}, "frozen_epochs (9) cannot exceed epochs (5)"),
+        ({"tracking.registered_model": "it's"}, "tracking.registered_model = \"it's\""),
     ],
 )
 def test_bad_params_name_key_value_and_what_is_allowed(tmp_path, overrides, expected):
@@ -44,8 +74,69 @@ def test_bad_params_name_key_value_and_what_is_allowed(tmp_path, overrides, expe
     assert "\n" not in message
 
 
+def test_a_missing_section_or_key_is_named(tmp_path):
+    partial = {k: v for k, v in PARAMS.items() if k != "augment"}
+    partial["train"] = {k: v for k, v in PARAMS["train"].items() if k != "lr"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(partial))
+    with pytest.raises(UserError) as caught:
+        load_params(tmp_path / "params.yaml")
+    assert "'augment' is missing" in str(caught.value)
+    assert "'train.lr' is missing" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"", "must be a mapping of sections"),
+        (b"seed: 1\nseed: 2\n", "key 'seed' appears twice"),
+        (b"train:\n  lr: 1\n  lr: 2\n", "key 'lr' appears twice"),
+        (b"\xff\xfe\x00binary", "is not UTF-8 text"),
+        (b"seed: [1,\n", "is not valid YAML"),
+    ],
+)
+def test_a_broken_params_file_is_one_line(tmp_path, content, expected):
+    (tmp_path / "params.yaml").write_bytes(content)
+    with pytest.raises(UserError, match=expected) as caught:
+        load_params(tmp_path / "params.yaml")
+    assert "\n" not in str(caught.value)
+
+
+def test_a_directory_or_no_file_is_one_line(tmp_path):
+    (tmp_path / "params.yaml").mkdir()
+    with pytest.raises(UserError, match="is a directory"):
+        load_params(tmp_path / "params.yaml")
+    with pytest.raises(UserError, match="not found: run cnnpipe from the repository root"):
+        load_params(tmp_path / "other.yaml")
+
+
+def test_exponent_notation_is_a_number(tmp_path):
+    """`dvc exp run -S train.lr=1e-3` writes YAML 1.2's float, which PyYAML reads as text."""
+    text = (REPO / "params.yaml").read_text().replace("lr: 0.003 ", "lr: 1e-3 ", 1)
+    (tmp_path / "params.yaml").write_text(text)
+    assert load_params(tmp_path / "params.yaml").train.lr == 0.001
+
+
+def test_stage_params_use_shared_names_for_both_models():
+    params = load_params(REPO / "params.yaml")
+    train, transfer = (layout.stage_params(s, params) for s in ("train", "transfer"))
+    for shared in ("model", "epochs", "batch_size", "lr", "image_size", "seed"):
+        assert shared in train and shared in transfer, shared
+    assert train["model"] == "small_cnn" and transfer["model"] == "efficientnet_lite0"
+    assert transfer["frozen_epochs"] == 2 and "frozen_epochs" not in train
+
+
+def test_the_tiny_preset_is_valid_params():
+    tiny = preset("tiny", REPO / "presets")
+    assert tiny["train.model"] == "seed_cnn" and tiny["data.image_size"] == 16
+    merged = PARAMS | {}
+    for key, value in tiny.items():
+        section, field = key.split(".")
+        merged[section] = merged[section] | {field: value}
+    assert Params.model_validate(merged).transfer.epochs == tiny["transfer.epochs"]
+
+
 def test_cli_reports_bad_params_in_one_line_without_traceback(tmp_path):
-    write_params(tmp_path, {"data": {"image_size": 4}})
+    write_params(tmp_path, {"data.image_size": 4})
     result = subprocess.run(
         [sys.executable, "-m", "cnnpipe", "prepare"], cwd=tmp_path, capture_output=True, text=True
     )

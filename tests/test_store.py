@@ -7,7 +7,8 @@ from cnnpipe import store
 def test_split_round_trip_is_memory_mapped(tmp_path):
     images = np.random.default_rng(0).integers(0, 255, (5, 4, 4, 3), dtype=np.uint8)
     store.write_split(tmp_path, "train", images, np.arange(5))
-    read_images, read_labels = store.read_split(tmp_path, "train")
+    split = store.read_split(tmp_path, "train")
+    read_images, read_labels = split.images, split.labels
     assert isinstance(read_images, np.memmap)
     np.testing.assert_array_equal(read_images, images)
     assert read_labels.dtype == np.int64

@@ -1,10 +1,12 @@
+import os
+import signal
 import subprocess
 import sys
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cnnpipe import tracking
+from cnnpipe import registry, tracking
 
 
 def test_repo_root_of_a_dvc_experiment_copy_is_the_outer_repository(tmp_path):
@@ -27,22 +29,38 @@ def test_default_uri_is_an_absolute_sqlite_file_at_the_repo_root(tmp_path, monke
 
 def test_stage_run_tags_params_and_is_found_by_fingerprint(mlflow_store, monkeypatch):
     monkeypatch.setenv("DVC_EXP_NAME", "brisk-lynx")
-    with tracking.stage_run("train", "exp", {"train.lr": 0.1}, "seed_cnn", {"prepare": "abc"}) as r:
+    with tracking.stage_run("train", "exp", {"lr": 0.1}, "seed_cnn", {"prepare": "abc"}) as r:
         r.log_metrics({"val_accuracy": 0.5}, step=1)
         r.set_fingerprint("f00d")
     run = MlflowClient(mlflow_store).get_run(r.run_id)
     assert run.info.run_name == "train-seed_cnn"
-    assert run.data.params == {"train.lr": "0.1"}
+    assert run.data.params == {"lr": "0.1"}
     assert run.data.tags["cnnpipe.stage"] == "train"
     assert run.data.tags["dvc_exp_name"] == "brisk-lynx"
     assert run.data.tags["cnnpipe.upstream.prepare"] == "abc"
-    assert len(run.data.tags["git_commit"]) >= 7
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert run.data.tags["mlflow.source.git.commit"] == head.strip()
     assert tracking.find_run("exp", "train", "f00d") == r.run_id
     assert tracking.find_run("exp", "train", "beef") is None
-    with tracking.stage_run("evaluate", "exp", {}) as evaluation:
-        evaluation.log_to_earlier_run(r.run_id, {"test_accuracy": 0.9}, {})
-    assert not evaluation.server_lost()
-    assert MlflowClient(mlflow_store).get_run(r.run_id).data.metrics["test_accuracy"] == 0.9
+    assert tracking.find_run("exp", "it's", "f00d") is None  # a quote is data, not syntax
+
+
+def test_the_experiment_opens_on_training_runs_and_is_described(mlflow_store):
+    with tracking.stage_run("prepare", "described", {}):
+        pass
+    experiment = MlflowClient(mlflow_store).get_experiment_by_name("described")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "pipeline" in experiment.tags["mlflow.note.content"]
+
+
+def test_results_reach_the_training_run_once(mlflow_store):
+    with tracking.stage_run("train", "once", {}) as train:
+        pass
+    for accuracy in (0.9, 0.5):
+        with tracking.stage_run("evaluate", "once", {}) as evaluation:
+            evaluation.log_results_once(train.run_id, {"test_accuracy": accuracy}, {})
+    history = MlflowClient(mlflow_store).get_metric_history(train.run_id, "test_accuracy")
+    assert [m.value for m in history] == [0.9]  # the second evaluation recorded its own
 
 
 def test_a_failing_stage_leaves_a_failed_run_that_is_not_found(mlflow_store):
@@ -53,12 +71,40 @@ def test_a_failing_stage_leaves_a_failed_run_that_is_not_found(mlflow_store):
     assert tracking.find_run("exp", "augment", "cafe") is None
 
 
-def test_flatten_dots_nested_keys():
-    assert tracking.flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {
-        "a.b": 1,
-        "a.c.d": 2,
-        "e": 3,
-    }
+KILLED_STAGE = """
+import os, signal
+from cnnpipe import tracking
+with tracking.stage_run("prepare", "killed", {}) as run:
+    print(run.run_id, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_the_next_run_marks_a_killed_run_of_its_stage(mlflow_store, tmp_path):
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_STAGE],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=os.environ | {"MLFLOW_TRACKING_URI": mlflow_store},
+    )
+    assert killed.returncode == -signal.SIGKILL
+    left = killed.stdout.split()[0]
+    client = MlflowClient(mlflow_store)
+    assert client.get_run(left).info.status == "RUNNING"
+    with tracking.stage_run("augment", "killed", {}):  # another stage leaves it alone
+        assert client.get_run(left).info.status == "RUNNING"
+    with tracking.stage_run("prepare", "killed", {}) as again:
+        pass
+    assert client.get_run(left).info.status == "KILLED"
+    assert client.get_run(again.run_id).info.status == "FINISHED"
+
+
+def test_filter_values_are_quoted_safely():
+    assert tracking.quoted("cnnpipe-classifier") == "'cnnpipe-classifier'"
+    assert tracking.quoted("O'Brien") == '"O\'Brien"'
+    with pytest.raises(Exception, match="both kinds of quotes"):
+        tracking.quoted("""it's "x" """)
 
 
 def test_the_champion_gate_orders_evaluates_of_one_repository_and_its_queue_copies(
@@ -70,13 +116,13 @@ def test_the_champion_gate_orders_evaluates_of_one_repository_and_its_queue_copi
     monkeypatch.chdir(tmp_path)
     other = "\n".join(
         [
-            "from cnnpipe import tracking",
+            "from cnnpipe import registry",
             "print('ready', flush=True)",
-            "with tracking.champion_gate():",
+            "with registry.champion_gate():",
             "    print('in')",
         ]
     )
-    with tracking.champion_gate():
+    with registry.champion_gate():
         waiting = subprocess.Popen(
             [sys.executable, "-c", other], cwd=queue_copy, stdout=subprocess.PIPE, text=True
         )

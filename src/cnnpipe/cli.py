@@ -11,10 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cnnpipe import layout
 from cnnpipe.errors import UserError
-from cnnpipe.params import load_params
+from cnnpipe.params import load_params, preset
 
-STAGES = ("prepare", "augment", "train", "transfer", "evaluate")
 DISTRIBUTED_STAGES = ("train", "transfer")
 
 
@@ -58,10 +58,15 @@ def predict(paths: list[Path], model_dir: Path | None) -> int:
     return 1 if any(answer.startswith("error:") for _, answer in answers) else 0
 
 
+def yaml_scalar(value: object) -> str:
+    """A params value as `dvc exp run -S` reads it (YAML): true/false, numbers, plain text."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="cnnpipe", description=__doc__)
     commands = top.add_subparsers(dest="command", required=True)
-    for stage in STAGES:
+    for stage in layout.STAGES:
         commands.add_parser(stage, help=f"run the {stage} stage")
     predicting = commands.add_parser("predict", help="classify image files")
     predicting.add_argument("paths", nargs="+", type=Path, metavar="PATH")
@@ -71,6 +76,10 @@ def parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "retrain", add_help=False, help="pull, run with overrides, push, summarise (retrain -h)"
     )
+    presetting = commands.add_parser(
+        "preset", help="print a preset's overrides as dvc exp run options (-S key=value ...)"
+    )
+    presetting.add_argument("name", help="a file in presets/, without .yaml (e.g. tiny)")
     return top
 
 
@@ -84,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "predict":
             return predict(args.paths, args.model)
+        if args.command == "preset":
+            overrides = preset(args.name)
+            print(" ".join(f"-S {key}={yaml_scalar(value)}" for key, value in overrides.items()))
+            return 0
         return run_stage(args.command)
     except UserError as err:
         print(f"cnnpipe {args.command}: error: {err}", file=sys.stderr)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PARAMS_FILE = Path("params.yaml")
+PRESETS = Path("presets")  # named sets of overrides, e.g. presets/tiny.yaml
 PREPARED = Path("data/prepared")
 AUGMENTED = Path("data/augmented")
 PREPARE_REPORT = Path("reports/prepare.json")
@@ -111,8 +112,19 @@ STAGES = {
                 REPORT,
             ),
         ),
+        # No outputs: DVC's run-cache never restores it, so it runs once for every `dvc repro`
+        # or `dvc exp run` that changed any param or result, cached stages or not.
+        Stage(
+            "record",
+            params=("seed", "data", "augment", "train", "transfer", "evaluate", "tracking"),
+            deps=(*(m.metrics for m in TRAINED), EVALUATION / "metrics.json", REPORT),
+        ),
     )
 }
+
+
+# What identifies an evaluation: its scores and its report (with the latencies it measured).
+EVALUATED = (EVALUATION / "metrics.json", REPORT)
 
 
 def stage_params(stage: str, params) -> dict[str, object]:

@@ -14,9 +14,9 @@ from typing import ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cnnpipe import models
+from cnnpipe import layout, models
 from cnnpipe.errors import UserError
-from cnnpipe.layout import PARAMS_FILE
+from cnnpipe.layout import PARAMS_FILE, PRESETS
 
 SOURCE_PATTERN = re.compile(
     r"^(builtin:(digits|faces)|folder:.+|torchvision:(CIFAR10|CIFAR100|MNIST|FashionMNIST|KMNIST))$"
@@ -185,3 +185,13 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
     except ValidationError as err:
         problems = "; ".join(_describe(e) for e in err.errors())
         raise UserError(f"{path}: {problems}") from None
+
+
+def preset(name: str, folder: Path = PRESETS) -> dict[str, object]:
+    """The overrides of `presets/<name>.yaml` as `section.key` -> value (`dvc exp run -S`)."""
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in folder.glob("*.yaml"))) or "none"
+        raise UserError(f"no preset '{name}' in {folder}/ (known: {known})")
+    raw = read_yaml(path)
+    return dict(layout.flatten(raw)) if isinstance(raw, dict) else {}

@@ -139,14 +139,19 @@ def read_classes(folder: Path) -> list[str]:
     return list(read_json(folder / "classes.json"))
 
 
-def fingerprint(folder: Path) -> str:
-    """sha256 over every file's relative path and bytes: equal outputs, equal fingerprints."""
+def fingerprint(*outputs: Path) -> str:
+    """sha256 over the files of `outputs` (files or folders): each file's path (relative to the
+    folder it is in) and bytes. Equal outputs, equal fingerprints."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode())
-        with path.open("rb") as stream:
-            for chunk in iter(lambda: stream.read(1 << 20), b""):
-                digest.update(chunk)
+    for output in outputs:
+        files = sorted(p for p in output.rglob("*") if p.is_file()) if output.is_dir() else [output]
+        for path in files:
+            digest.update(
+                str(path.relative_to(output if output.is_dir() else path.parent)).encode()
+            )
+            with path.open("rb") as stream:
+                for chunk in iter(lambda: stream.read(1 << 20), b""):
+                    digest.update(chunk)
     return digest.hexdigest()
 
 

@@ -196,10 +196,15 @@ def git_tags() -> dict[str, str]:
     }
 
 
+def execution_name() -> str:
+    """The DVC experiment this process runs in (`dvc exp run`), or `workspace` (`dvc repro`)."""
+    return os.environ.get("DVC_EXP_NAME") or "workspace"
+
+
 def execution_tags() -> dict[str, str]:
     """The tags that tie a run to the code and the DVC experiment it ran in."""
     tags = git_tags() | {"mlflow.source.name": "cnnpipe", "mlflow.source.type": "LOCAL"}
-    tags["dvc_exp_name"] = os.environ.get("DVC_EXP_NAME") or "workspace"
+    tags["dvc_exp_name"] = execution_name()
     if os.environ.get("DVC_EXP_BASELINE_REV"):
         tags["dvc_exp_baseline"] = os.environ["DVC_EXP_BASELINE_REV"]
     return tags
@@ -411,8 +416,10 @@ def stage_run(
     model: str | None = None,
     upstream: dict[str, str | None] | None = None,
     log_images: bool = True,
+    run_name: str | None = None,
 ) -> Iterator[StageRun]:
-    """Start the MLflow run of a stage; a failing stage leaves its run marked FAILED."""
+    """Start the MLflow run of a stage, named `<stage>-<model>` (or `run_name`); a failing
+    stage leaves its run marked FAILED."""
     if os.environ.get("RANK", "0") != "0":
         yield _OtherRank()
         return
@@ -424,7 +431,7 @@ def stage_run(
     for upstream_stage, run_id in (upstream or {}).items():
         tags[UPSTREAM_TAG.format(stage=upstream_stage)] = run_id or "not found"
     run = StageRun(tracking_uri(), log_images)
-    run.start(experiment, f"{stage}-{model}" if model else stage, tags, params)
+    run.start(experiment, run_name or (f"{stage}-{model}" if model else stage), tags, params)
     status = "FINISHED"
     try:
         yield run
@@ -464,3 +471,42 @@ def logged_model_uri(run_id: str) -> str:
     if outputs is None or not outputs.model_outputs:
         raise UserError(f"run {run_id} logged no model: rerun its stage (dvc repro --force)")
     return f"models:/{outputs.model_outputs[-1].model_id}"
+
+
+def lineage(evaluation: str | None) -> dict[str, str | None]:
+    """The stage runs behind an evaluation run: it, the runs that trained its two models and
+    the runs that prepared and augmented their data, by their upstream tags (None where a
+    run is not in the store, e.g. results pulled from a DVC remote)."""
+    found: dict[str, str | None] = {s: None for s in layout.STAGES if s != "record"}
+    found["evaluate"] = evaluation
+    store, todo = client(), [evaluation]
+    while todo:
+        run_id = todo.pop()
+        if run_id is None:
+            continue
+        for key, value in store.get_run(run_id).data.tags.items():
+            stage = key.removeprefix(UPSTREAM_TAG.format(stage=""))
+            if stage != key and stage in found and found[stage] is None and value != "not found":
+                found[stage] = value
+                todo.append(value)
+    return found
+
+
+def pipeline_note(experiment: str, stage_runs: dict[str, str | None], scores: dict) -> str:
+    """The pipeline run's description: its test scores and a link to each stage run."""
+    experiment_id = client().get_experiment_by_name(experiment).experiment_id
+    links = " · ".join(
+        f"[{stage}](#/experiments/{experiment_id}/runs/{run_id})"
+        if run_id
+        else f"{stage}: not found"
+        for stage, run_id in stage_runs.items()
+    )
+    accuracies = ", ".join(
+        f"{name.removesuffix('.accuracy')} {value:.4f}"
+        for name, value in scores.items()
+        if name.endswith(".accuracy")
+    )
+    return (
+        f"Pipeline execution `{execution_name()}`: test accuracy {accuracies}.\n\n"
+        f"Stage runs: {links}"
+    )

@@ -212,6 +212,7 @@ def publish(
         results, chosen.result, metric, note, len(test.labels), test.data_hash, device
     )
     store.write_text_atomic(layout.REPORT, text)
+    mlrun.set_fingerprint(store.fingerprint(*layout.EVALUATED))
 
     mlrun.log_metrics({f"{r.name}.{k}": v for r in results for k, v in r.test_metrics().items()})
     mlrun.log_table(report.per_class_rows(results), "per_class.json")
