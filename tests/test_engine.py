@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from cnnpipe import engine, networks
-from cnnpipe.store import Split
 from cnnpipe.sources import load_source
+from cnnpipe.store import Split
 
 NORM = engine.Normalisation((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 CPU = engine.Runtime(torch.device("cpu"))

@@ -67,11 +67,13 @@ def test_two_queued_experiments_run_in_parallel_and_both_land_in_mlflow(faces_re
     by_name = {name: [r for r in runs if r.data.tags.get("dvc_exp_name") == name] for name in shown}
     for name, exp_runs in by_name.items():
         stages = sorted(r.data.tags["cnnpipe.stage"] for r in exp_runs)
-        assert stages == ["evaluate", "train"], (name, stages)
+        assert stages == ["evaluate", "pipeline", "train"], (name, stages)
         assert all(r.info.status == "FINISHED" for r in exp_runs)
         train = next(r for r in exp_runs if r.data.tags["cnnpipe.stage"] == "train")
         lr = shown[name]["params"]["params.yaml"]["data"]["train"]["lr"]
-        assert train.data.params["train.lr"] == str(lr)
+        assert train.data.params["lr"] == str(lr)
+        pipeline = next(r for r in exp_runs if r.data.tags["cnnpipe.stage"] == "pipeline")
+        assert pipeline.info.run_name == name and pipeline.data.params["train.lr"] == str(lr)
         # artifacts live in the repository, not in the deleted temporary workspace
         artifacts = Path(train.info.artifact_uri.removeprefix("file://"))
         assert artifacts.is_relative_to(faces_repo / "mlruns"), artifacts

@@ -30,8 +30,9 @@ def imported_modules(module: str) -> set[str]:
             continue
         seen.add(name)
         path = SOURCE / Path(*name.split("."))
-        tree = ast.parse((path / "__init__.py" if path.is_dir() else path.with_suffix(".py"))
-                         .read_text())
+        tree = ast.parse(
+            (path / "__init__.py" if path.is_dir() else path.with_suffix(".py")).read_text()
+        )
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 todo += [a.name for a in node.names if a.name.startswith("cnnpipe.")]

@@ -134,5 +134,7 @@ def test_torchvision_weights_that_cannot_be_fetched_give_a_clear_error(tmp_path,
 
 def test_the_table_says_which_stage_builds_each_model():
     assert {spec.stage for spec in models.MODELS.values()} == {"train", "transfer"}
-    assert all(spec.library in networks.BACKBONES or spec.library == "cnnpipe"
-               for spec in models.MODELS.values())
+    assert all(
+        spec.library in networks.BACKBONES or spec.library == "cnnpipe"
+        for spec in models.MODELS.values()
+    )

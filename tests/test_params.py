@@ -62,7 +62,7 @@ def test_allowed_models_come_from_the_model_table(tmp_path):
         ({"surprise": 1}, "unknown key 'surprise'"),
         ({"data.source": "s3://bucket"}, "data.source = 's3://bucket': Value error, must be"),
         ({"transfer.frozen_epochs": 9}, "frozen_epochs (9) cannot exceed epochs (5)"),
-        ({"tracking.registered_model": "it's"}, "tracking.registered_model = \"it's\""),
+        ({"tracking.registered_model": "it's"}, 'tracking.registered_model = "it\'s"'),
     ],
 )
 def test_bad_params_name_key_value_and_what_is_allowed(tmp_path, overrides, expected):

@@ -14,18 +14,29 @@ from conftest import BIN, TINY, repro_tiny, write_params
 from shell import run
 
 STAGES = ("prepare", "augment", "train", "transfer", "evaluate")
+RUNS = (*STAGES, "pipeline")  # record's run is the pipeline run
 
 
 def runs_by_stage(repo: Path) -> dict[str, list]:
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("cnnpipe")
     runs = client.search_runs([experiment.experiment_id])
-    return {s: [r for r in runs if r.data.tags["cnnpipe.stage"] == s] for s in STAGES}
+    return {s: [r for r in runs if r.data.tags["cnnpipe.stage"] == s] for s in RUNS}
+
+
+def artifacts(client: MlflowClient, run_id: str, folder: str | None = None) -> list[str]:
+    """Every artifact path of a run, in sub-folders too."""
+    found = []
+    for item in client.list_artifacts(run_id, folder):
+        found += artifacts(client, run_id, item.path) if item.is_dir else [item.path]
+    return found
 
 
 def lock_md5s(repo: Path) -> dict[str, list[str]]:
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    return {name: [out["md5"] for out in stage["outs"]] for name, stage in lock["stages"].items()}
+    return {
+        name: [out["md5"] for out in stage.get("outs", [])] for name, stage in lock["stages"].items()
+    }
 
 
 def test_dvc_repro_runs_every_stage_and_logs_each_to_mlflow(digits_repo):
@@ -42,31 +53,56 @@ def test_dvc_repro_runs_every_stage_and_logs_each_to_mlflow(digits_repo):
         assert meta["architecture"] == architecture and len(meta["classes"]) == 10
         assert (repo_copy / "models" / folder / "weights.pt").stat().st_size > 0
     metrics = json.loads((repo_copy / "reports" / "evaluate" / "metrics.json").read_text())
+    assert set(metrics) == {"scratch", "transfer"}
+    assert all(
+        set(scores) == {"accuracy", "macro_f1", "roc_auc", "ece"} for scores in metrics.values()
+    )
     assert metrics["scratch"]["accuracy"] > 0.5 and metrics["transfer"]["accuracy"] > 0.3
     history = (repo_copy / "reports" / "transfer" / "history.csv").read_text().splitlines()
     assert history[0] == "epoch,train_loss,train_accuracy,val_loss,val_accuracy"
     assert len(history) == 3
 
     runs = runs_by_stage(repo_copy)
-    for stage in STAGES:
+    client = MlflowClient(f"sqlite:///{repo_copy / 'mlflow.db'}")
+    for stage in RUNS:
         assert len(runs[stage]) == 1, stage
         found = runs[stage][0]
         assert found.info.status == "FINISHED"
         assert found.data.params and found.data.metrics, stage
-        assert MlflowClient(f"sqlite:///{repo_copy / 'mlflow.db'}").list_artifacts(
-            found.info.run_id
-        ), stage
-    train_run = runs["train"][0]
+    for stage in STAGES:
+        assert client.list_artifacts(runs[stage][0].info.run_id), stage
+    train_run, transfer_run = runs["train"][0], runs["transfer"][0]
     assert train_run.info.run_name == "train-seed_cnn"
     assert train_run.data.tags["cnnpipe.upstream.prepare"] == runs["prepare"][0].info.run_id
     assert train_run.data.tags["cnnpipe.upstream.augment"] == runs["augment"][0].info.run_id
     assert train_run.data.metrics["test_accuracy"] == metrics["scratch"]["accuracy"]
-    assert runs["transfer"][0].data.metrics["test_accuracy"] == metrics["transfer"]["accuracy"]
+    assert transfer_run.data.metrics["test_accuracy"] == metrics["transfer"]["accuracy"]
     assert runs["prepare"][0].data.metrics["images.test"] == 360
+    shared = ("model", "epochs", "batch_size", "lr", "image_size", "seed")
+    assert all(name in transfer_run.data.params for name in shared)
+    assert [train_run.data.params[n] for n in shared] == [
+        "seed_cnn",
+        "2",
+        "32",
+        "0.003",
+        "16",
+        "42",
+    ]
+
+    pipeline = runs["pipeline"][0]
+    assert pipeline.info.run_name == "workspace"
+    assert (
+        pipeline.data.params["train.lr"] == "0.003"
+        and "transfer.frozen_epochs" in pipeline.data.params
+    )
+    assert pipeline.data.metrics["scratch.accuracy"] == metrics["scratch"]["accuracy"]
+    assert pipeline.data.metrics["transfer.accuracy"] == metrics["transfer"]["accuracy"]
+    for stage in STAGES:
+        assert pipeline.data.tags[f"cnnpipe.upstream.{stage}"] == runs[stage][0].info.run_id
 
     again = run([str(BIN / "dvc"), "repro"], repo_copy)
-    assert again.stdout.count("didn't change, skipping") == len(STAGES)
-    assert sum(len(r) for r in runs_by_stage(repo_copy).values()) == len(STAGES)
+    assert again.stdout.count("didn't change, skipping") == len(STAGES) + 1
+    assert sum(len(r) for r in runs_by_stage(repo_copy).values()) == len(RUNS)
 
 
 def test_two_clean_runs_write_byte_identical_outputs(digits_repo, tmp_path):
@@ -94,11 +130,7 @@ def test_pipeline_runs_on_a_new_folder_and_reports_its_bad_files(
         monkeypatch.setenv(name, SECRET)
     write_params(
         repo_copy,
-        TINY
-        | {
-            "data": {"source": f"folder:{image_folder}", "image_size": 16},
-            "tracking": {"log_images": False},
-        },
+        TINY | {"data.source": f"folder:{image_folder}", "tracking.log_images": False},
     )
     run([str(BIN / "dvc"), "repro"], repo_copy)
 
@@ -108,15 +140,15 @@ def test_pipeline_runs_on_a_new_folder_and_reports_its_bad_files(
         "corrupt.jpg": "unreadable",
         "empty.png": "empty_file",
     }
-    metrics = json.loads((repo_copy / "reports" / "evaluate" / "metrics.json").read_text())
-    assert set(metrics["scratch"]["recall"]) == {"one", "seven", "zero"}
+    per_class = (repo_copy / "reports" / "evaluate" / "per_class.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in per_class[1:]] == ["one", "seven", "zero"]
     runs = runs_by_stage(repo_copy)
     prepare_run = runs["prepare"][0]
     assert prepare_run.data.metrics["bad_images.unreadable"] == 1
     assert prepare_run.data.metrics["bad_images.empty_file"] == 1
 
     client = MlflowClient(f"sqlite:///{repo_copy / 'mlflow.db'}")
-    logged = [a.path for stage in STAGES for a in client.list_artifacts(runs[stage][0].info.run_id)]
+    logged = [path for stage in STAGES for path in artifacts(client, runs[stage][0].info.run_id)]
     assert any("confusion" in path for path in logged)  # aggregate plots still go
     assert not [path for path in logged if any(p in path for p in DATA_PICTURES)]
     report = (repo_copy / "reports" / "report.md").read_text()
@@ -124,7 +156,7 @@ def test_pipeline_runs_on_a_new_folder_and_reports_its_bad_files(
     assert not any(
         p in f.name for f in (repo_copy / "reports" / "figures").iterdir() for p in DATA_PICTURES
     )
-    for stage in STAGES:
+    for stage in RUNS:
         data = runs[stage][0].data
         assert SECRET not in json.dumps([data.params, data.tags]), stage
 
@@ -132,21 +164,23 @@ def test_pipeline_runs_on_a_new_folder_and_reports_its_bad_files(
 def test_data_pictures_are_logged_by_default(digits_repo):
     runs = runs_by_stage(digits_repo)
     client = MlflowClient(f"sqlite:///{digits_repo / 'mlflow.db'}")
-    logged = [a.path for stage in STAGES for a in client.list_artifacts(runs[stage][0].info.run_id)]
-    for picture in DATA_PICTURES[:2] + ("scratch_gradcam.png",):
-        assert picture in logged, picture
+    logged = {stage: artifacts(client, runs[stage][0].info.run_id) for stage in STAGES}
+    assert "samples.png" in logged["prepare"] and "preview.png" in logged["augment"]
+    assert "figures/scratch_gradcam.png" in logged["evaluate"]
+    assert "test/scratch_gradcam.png" in logged["train"]
+    assert {"report.md", "figures/scratch_confusion.png"} <= set(logged["evaluate"])
 
 
 def test_a_failing_prepare_says_why_in_one_line_and_keeps_the_old_output(
     repo_copy, image_folder, tmp_path
 ):
-    write_params(repo_copy, {"data": {"source": f"folder:{image_folder}", "image_size": 16}})
+    write_params(repo_copy, {"data.source": f"folder:{image_folder}", "data.image_size": 16})
     run([str(BIN / "cnnpipe"), "prepare"], repo_copy)
     before = store.fingerprint(repo_copy / "data" / "prepared")
 
     empty = tmp_path / "empty"
     (empty / "cats").mkdir(parents=True)
-    write_params(repo_copy, {"data": {"source": f"folder:{empty}", "image_size": 16}})
+    write_params(repo_copy, {"data.source": f"folder:{empty}", "data.image_size": 16})
     failed = run([str(BIN / "cnnpipe"), "prepare"], repo_copy, expect=2)
     assert "Traceback" not in failed.stderr
     assert failed.stderr.strip().splitlines() == [

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import pickle
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from cnnpipe import layout, networks, registry, serving, store, tracking
+from cnnpipe.errors import UserError
 
 NAME = "gate-test"
 
@@ -76,7 +80,9 @@ def test_the_gate_moves_the_champion_only_on_improvement(runs, mlflow_store, tmp
     assert client.get_model_version_by_alias(NAME, "champion").run_id == runs[2]
 
 
-def test_a_champion_measured_on_other_data_is_measured_again(runs, mlflow_store, tmp_path, monkeypatch):
+def test_a_champion_measured_on_other_data_is_measured_again(
+    runs, mlflow_store, tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     name = "gate-other-data"
     registry.promote(name, candidate(runs[0], 0.8, "data-a"), never_measured)
@@ -94,7 +100,9 @@ def test_a_champion_measured_on_other_data_is_measured_again(runs, mlflow_store,
     assert "predicts other classes, so it was not compared and keeps the alias" in unlike
 
 
-def test_a_score_that_is_not_a_number_is_never_registered(runs, mlflow_store, tmp_path, monkeypatch):
+def test_a_score_that_is_not_a_number_is_never_registered(
+    runs, mlflow_store, tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     note = registry.promote("gate-nan", candidate(runs[0], math.nan), never_measured)
     assert note == "not registered: its test accuracy is not a number (nan)."
@@ -113,3 +121,46 @@ def test_the_champion_loads_as_data(runs, mlflow_store, tmp_path, monkeypatch):
 def test_no_champion_is_a_clear_error(mlflow_store):
     with pytest.raises(Exception, match="no champion of 'nobody'.*dvc repro"):
         registry.champion_uri("nobody")
+
+
+class Payload:
+    """Unpickling this runs a command: what a tampered model file would try."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_tampered_logged_model_runs_no_code(runs, mlflow_store, tmp_path, monkeypatch):
+    """Every file of a logged model replaced in turn by something that would run code if
+    loaded: a pickle, YAML with a Python tag, an MLmodel naming another loader. Loading either
+    fails with one line or ignores the file; the marker is never created."""
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "code-ran"
+    registry.promote("gate-tamper", candidate(runs[0], 0.5), never_measured)
+    uri = registry.champion_uri("gate-tamper")
+    client = tracking.client()
+    model_id = client.get_model_version("gate-tamper", 1).source.removeprefix("models:/")
+    stored = Path(urlparse(client.get_logged_model(model_id).artifact_location).path)
+    files = sorted(p for p in stored.rglob("*") if p.is_file())
+    assert {"MLmodel", "weights.pt", "meta.json"} <= {p.name for p in files}
+    payloads = {
+        "pickle": pickle.dumps(Payload(marker)),
+        "yaml": f"!!python/object/apply:os.system ['touch {marker}']\n".encode(),
+        "loader": b"flavors:\n  python_function:\n    loader_module: os\n    data: data\n",
+    }
+    refused = set()
+    for path in files:
+        original = path.read_bytes()
+        for payload in payloads.values():
+            path.write_bytes(payload)
+            try:
+                serving.load(uri).predict(np.zeros((1, 16, 16, 3), dtype=np.uint8))
+            except UserError as err:
+                assert "\n" not in str(err)
+                refused.add(path.name)
+            assert not marker.exists(), f"{path.name} ran code"
+        path.write_bytes(original)
+    assert {"MLmodel", "weights.pt", "meta.json"} <= refused

@@ -36,7 +36,8 @@ def test_retrain_pulls_runs_the_overrides_pushes_and_summarises(faces_repo, tmp_
     assert any(remote.rglob("*")) and "ci" not in (faces_repo / ".dvc" / "config").read_text()
     client = MlflowClient(f"sqlite:///{faces_repo / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("cnnpipe").experiment_id])
-    assert sorted(r.data.tags["cnnpipe.stage"] for r in runs) == ["evaluate", "train"]  # lr
+    stages = sorted(r.data.tags["cnnpipe.stage"] for r in runs)
+    assert stages == ["evaluate", "pipeline", "train"]  # lr changed: train and what follows
     assert all(r.data.tags.get("dvc_exp_name") for r in runs)
 
     # Without a remote: no pull, no push, the summary on stdout; nothing left to rerun.
@@ -45,4 +46,4 @@ def test_retrain_pulls_runs_the_overrides_pushes_and_summarises(faces_repo, tmp_
     assert "retrain: skip dvc pull: no DVC remote configured" in again.stdout
     assert "retrain: skip dvc push: no DVC remote configured" in again.stdout
     assert "## cnnpipe retrain" in again.stdout
-    assert again.stdout.count("didn't change, skipping") == 5, again.stdout
+    assert again.stdout.count("didn't change, skipping") == 6, again.stdout

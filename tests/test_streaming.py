@@ -11,11 +11,12 @@ from dvc.cli import main as dvc
 from PIL import Image
 
 from cnnpipe import store
-from cnnpipe.params import AugmentParams, load_params
+from cnnpipe.layout import PREPARE_REPORT, PREPARED
+from cnnpipe.params import load_params
 from cnnpipe.sources import load_source
 from cnnpipe.stages import prepare
 from cnnpipe.stages.augment import augmented_copies, build_policy, write_augmented
-from conftest import TINY, write_params
+from conftest import REPO, TINY, write_params
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (20, 40, 230)}
 
@@ -36,19 +37,19 @@ def colour_folder(root: Path, per_class: int) -> Path:
 
 
 def prepare_with(folder: Path, workdir: Path, workers: int) -> dict:
-    data = {"source": f"folder:{folder}", "image_size": 16, "workers": workers}
-    write_params(workdir, TINY | {"data": data})
+    data = {"data.source": f"folder:{folder}", "data.image_size": 16, "data.workers": workers}
+    write_params(workdir, TINY | data)
     prepare.run(load_params())
-    return json.loads(prepare.REPORT.read_text())
+    return json.loads(PREPARE_REPORT.read_text())
 
 
 def test_workers_give_the_same_splits_and_report_bad_files(tmp_path, workdir):
     folder = colour_folder(tmp_path / "colours", per_class=200)  # 3 chunks of 256 files
     in_process = prepare_with(folder, workdir, workers=1)
-    shutil.copytree(prepare.PREPARED, tmp_path / "in_process")
+    shutil.copytree(PREPARED, tmp_path / "in_process")
     in_workers = prepare_with(folder, workdir, workers=2)
 
-    assert store.fingerprint(prepare.PREPARED) == store.fingerprint(tmp_path / "in_process")
+    assert store.fingerprint(PREPARED) == store.fingerprint(tmp_path / "in_process")
     assert in_workers == in_process
     assert {Path(b["path"]).name: b["kind"] for b in in_workers["bad_images"]} == {
         "notes.txt": "not_an_image",
@@ -56,7 +57,7 @@ def test_workers_give_the_same_splits_and_report_bad_files(tmp_path, workdir):
         "corrupt.jpg": "unreadable",
     }
     assert sum(sum(c.values()) for c in in_workers["images"].values()) == 3 * 200
-    assert_memory_mapped_and_labelled_by_colour(prepare.PREPARED)
+    assert_memory_mapped_and_labelled_by_colour(PREPARED)
 
 
 def assert_memory_mapped_and_labelled_by_colour(prepared: Path) -> None:
@@ -88,11 +89,14 @@ def test_augment_in_chunks_writes_the_same_bytes_as_in_memory(tmp_path):
     loaded = load_source("builtin:digits", 16)
     images, labels = loaded.images[:300], loaded.labels[:300]  # 2 chunks of 256 rows
     store.write_split(tmp_path, "train", images, labels)
-    on_disk, _ = store.read_split(tmp_path, "train")
-    params = AugmentParams(rotate_p=1.0, shift_scale_p=1.0)
+    on_disk = store.read_split(tmp_path, "train").images
+    params = load_params(REPO / "params.yaml").augment.model_copy(
+        update={"rotate_p": 1.0, "shift_scale_p": 1.0}
+    )
 
     write_augmented(on_disk, labels, build_policy(params, 3), 2, tmp_path / "out")
-    streamed, streamed_labels = store.read_split(tmp_path / "out", "train")
+    streamed = store.read_split(tmp_path / "out", "train")
+    streamed, streamed_labels = streamed.images, streamed.labels
     in_memory = augmented_copies(images, build_policy(params, 3), 2)
     np.testing.assert_array_equal(streamed, np.concatenate([images, in_memory]))
     np.testing.assert_array_equal(streamed_labels, np.tile(labels, 3))

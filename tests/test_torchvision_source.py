@@ -14,6 +14,7 @@ from sklearn.datasets import load_digits
 
 from cnnpipe import store
 from cnnpipe.errors import UserError
+from cnnpipe.layout import PREPARE_REPORT, PREPARED
 from cnnpipe.params import load_params
 from cnnpipe.stages import prepare
 from conftest import TINY, write_params
@@ -50,12 +51,13 @@ def tiny_mnist(root: Path, train_per_class: int, test_per_class: int) -> dict[st
 
 def test_prepare_reads_mnist_files_and_keeps_their_test_split(workdir):
     mnist = tiny_mnist(workdir / "data" / "torchvision", train_per_class=10, test_per_class=3)
-    write_params(workdir, TINY | {"data": {"source": "torchvision:MNIST", "image_size": 16}})
+    write_params(workdir, TINY | {"data.source": "torchvision:MNIST", "data.image_size": 16})
     prepare.run(load_params())
 
-    report = json.loads(prepare.REPORT.read_text())
+    report = json.loads(PREPARE_REPORT.read_text())
     assert report["classes"][:2] == ["0 - zero", "1 - one"] and len(report["classes"]) == 10
-    test_images, test_labels = store.read_split(prepare.PREPARED, "test")
+    test = store.read_split(PREPARED, "test")
+    test_images, test_labels = test.images, test.labels
     np.testing.assert_array_equal(test_labels, mnist["t10k-labels"])
     first = Image.fromarray(mnist["t10k"][0]).convert("RGB").resize((16, 16), Image.BICUBIC)
     np.testing.assert_array_equal(test_images[0], np.asarray(first))
@@ -65,7 +67,7 @@ def test_prepare_reads_mnist_files_and_keeps_their_test_split(workdir):
 
 
 def test_an_unknown_torchvision_name_is_refused(workdir):
-    write_params(workdir, {"data": {"source": "torchvision:ImageNet"}})
+    write_params(workdir, {"data.source": "torchvision:ImageNet"})
     with pytest.raises(UserError, match=r"data.source = 'torchvision:ImageNet'.*CIFAR10"):
         load_params()
 
@@ -77,7 +79,7 @@ def test_offline_without_the_files_prepare_fails_with_one_line(workdir, monkeypa
     for name in ("no_proxy", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
     urllib.request.install_opener(None)  # the next download builds an opener that sees them
-    write_params(workdir, {"data": {"source": "torchvision:FashionMNIST"}})
+    write_params(workdir, {"data.source": "torchvision:FashionMNIST"})
     try:
         with pytest.raises(UserError) as error:
             prepare.run(load_params())

@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cnnpipe import engine, models, store
+from cnnpipe import engine, networks, store
 from conftest import TINY, write_params
 
 CNNPIPE = str(Path(sys.executable).parent / "cnnpipe")
@@ -39,7 +39,7 @@ def _env(folder: Path) -> dict[str, str]:
 
 def _copy(prepared: Path, target: Path, train: dict) -> Path:
     shutil.copytree(prepared, target)
-    write_params(target, TINY | {"train": TINY["train"] | train})
+    write_params(target, TINY | {f"train.{key}": value for key, value in train.items()})
     return target
 
 
@@ -79,7 +79,7 @@ def test_killed_training_resumes_to_the_same_weights(prepared, tmp_path):
     )
     assert "resuming after epoch" in resumed.stderr
     assert "epoch 1/6" not in resumed.stderr
-    weights = [store.read_model_folder(d / "models" / "scratch")[0] for d in (straight, killed)]
+    weights = [store.read_weights(d / "models" / "scratch") for d in (straight, killed)]
     for name, tensor in weights[0].items():
         assert torch.equal(tensor, weights[1][name]), name
 
@@ -89,7 +89,7 @@ def test_checkpoint_from_other_params_is_not_resumed(prepared, tmp_path):
     subprocess.run(
         [CNNPIPE, "train"], cwd=folder, env=_env(folder), check=True, capture_output=True
     )
-    write_params(folder, TINY | {"train": TINY["train"] | {"epochs": 1, "lr": 0.01}})
+    write_params(folder, TINY | {"train.epochs": 1, "train.lr": 0.01})
     rerun = subprocess.run(
         [CNNPIPE, "train"], cwd=folder, env=_env(folder), capture_output=True, text=True, check=True
     )
@@ -105,11 +105,11 @@ def test_two_cpu_processes_train_one_model_and_log_once(prepared, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("epoch 2/2") == 1  # only rank 0 reports
 
-    model, meta = models.load_trained(folder / "models" / "scratch")
-    images, labels = store.read_split(folder / "data" / "prepared", "test")
-    norm = engine.Normalisation(tuple(meta["mean"]), tuple(meta["std"]))
-    predicted = engine.predict_probabilities(model, images, norm, torch.device("cpu")).argmax(1)
-    assert (predicted == labels).mean() > 0.5
+    model, meta = networks.load_trained(folder / "models" / "scratch")
+    test = store.read_split(folder / "data" / "prepared", "test")
+    norm = engine.Normalisation(meta.mean, meta.std)
+    predicted = engine.predict_probabilities(model, test.images, norm, torch.device("cpu"))
+    assert (predicted.argmax(1) == test.labels).mean() > 0.5
 
     client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("cnnpipe")
@@ -117,7 +117,7 @@ def test_two_cpu_processes_train_one_model_and_log_once(prepared, tmp_path):
         [experiment.experiment_id], filter_string="tags.`cnnpipe.stage` = 'train'"
     )
     assert len(train_runs) == 1
-    assert train_runs[0].data.params["train.nproc"] == "2"
+    assert train_runs[0].data.params["nproc"] == "2"
     history = client.get_metric_history(train_runs[0].info.run_id, "val_accuracy")
     assert [m.step for m in history] == [1, 2]
     assert np.isfinite(train_runs[0].data.metrics["best_val_accuracy"])

@@ -83,13 +83,13 @@ def register(registered_model: str, candidate: Candidate) -> ModelVersion:
 
 
 def _new_version(registered_model: str, candidate: Candidate) -> ModelVersion:
-    client = tracking.client()
-    source = tracking.logged_model_uri(candidate.run_id)
-    return client.create_model_version(
+    model_id = tracking.logged_model_id(candidate.run_id)
+    return tracking.client().create_model_version(
         registered_model,
-        source,
+        f"models:/{model_id}",
         run_id=candidate.run_id,
         description=candidate.description,
+        model_id=model_id,
     )
 
 

@@ -151,7 +151,8 @@ def load(model_uri: str) -> ImageClassifier:
         flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
         data = (local / flavor["data"]).resolve()
     except (OSError, yaml.YAMLError, KeyError, TypeError, UnicodeDecodeError) as err:
-        raise UserError(f"{model_uri}: its MLmodel file is not a cnnpipe model ({err})") from None
+        reason = " ".join(str(err).split())[:200]
+        raise UserError(f"{model_uri}: its MLmodel file is not a cnnpipe model ({reason})") from None
     if (
         flavor.get("loader_module") != __name__
         or flavor.get("code")

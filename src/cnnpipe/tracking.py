@@ -465,12 +465,12 @@ def find_runs(experiment: str, fingerprints: dict[str, str]) -> dict[str, str | 
     return {stage: find_run(experiment, stage, fp) for stage, fp in fingerprints.items()}
 
 
-def logged_model_uri(run_id: str) -> str:
-    """`models:/<model id>` of the model that `run_id` logged last."""
+def logged_model_id(run_id: str) -> str:
+    """The id of the model that `run_id` logged last."""
     outputs = client().get_run(run_id).outputs
     if outputs is None or not outputs.model_outputs:
         raise UserError(f"run {run_id} logged no model: rerun its stage (dvc repro --force)")
-    return f"models:/{outputs.model_outputs[-1].model_id}"
+    return outputs.model_outputs[-1].model_id
 
 
 def lineage(evaluation: str | None) -> dict[str, str | None]:
