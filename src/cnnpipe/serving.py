@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import platform
 from importlib.metadata import version
 from pathlib import Path
 
@@ -32,6 +33,13 @@ PYFUNC_REQUIREMENTS = [
     f"{name}=={version(name)}"
     for name in ("torch", "torchvision", "timm", "pillow", "pandas", "numpy", "mlflow", "pydantic")
 ]
+# The logged model's environment, written out (from pip requirements alone MLflow would look
+# for pip's own version, which a uv environment does not have, and warn).
+CONDA_ENV = {
+    "name": "cnnpipe",
+    "channels": ["conda-forge"],
+    "dependencies": [f"python={platform.python_version()}", "pip", {"pip": PYFUNC_REQUIREMENTS}],
+}
 
 
 def decode_image(data: bytes | str, image_size: int) -> np.ndarray:
@@ -138,7 +146,7 @@ def log_model(target: layout.TrainedModel, example_images: np.ndarray) -> None:
             Schema([ColSpec(AnyType(), "image")]), output_schema(meta.classes)
         ),
         input_example=example,
-        pip_requirements=PYFUNC_REQUIREMENTS,
+        conda_env=CONDA_ENV,
     )
 
 
@@ -152,7 +160,9 @@ def load(model_uri: str) -> ImageClassifier:
         data = (local / flavor["data"]).resolve()
     except (OSError, yaml.YAMLError, KeyError, TypeError, UnicodeDecodeError) as err:
         reason = " ".join(str(err).split())[:200]
-        raise UserError(f"{model_uri}: its MLmodel file is not a cnnpipe model ({reason})") from None
+        raise UserError(
+            f"{model_uri}: its MLmodel file is not a cnnpipe model ({reason})"
+        ) from None
     if (
         flavor.get("loader_module") != __name__
         or flavor.get("code")

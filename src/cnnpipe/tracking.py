@@ -322,16 +322,22 @@ class StageRun:
 
         def send() -> None:
             from mlflow.data import from_numpy
+            from mlflow.data.dataset_source_registry import get_registered_sources
 
+            # MLflow registers its local-file source twice and warns that a path is ambiguous
+            local = next(
+                kind for kind in get_registered_sources() if kind.__name__.startswith("Local")
+            )
+            prepared = local(layout.PREPARED.resolve().as_uri())
             datasets = [
                 from_numpy(
                     split.images,
-                    source=str(layout.PREPARED.resolve()),
+                    source=prepared,
                     targets=split.labels,
                     name=name,
                     digest=data_hash[:12],
                 )
-                for context, split in splits.items()
+                for split in splits.values()
             ]
             tags = [{"classes": ", ".join(classes)[:250]} for _ in splits]
             mlflow.log_inputs(datasets, contexts=list(splits), tags_list=tags)
