@@ -52,8 +52,9 @@ def test_the_pipeline_logs_its_runs_and_artifacts_to_the_server(server, tracked_
     assert "learning_curves.png" in names, names
     assert "test_accuracy" in train.data.metrics  # written back by evaluate
     model = client.get_run(train.info.run_id).outputs.model_outputs[0].model_id
+    stored = client.get_logged_model(model).artifact_location
     local = mlflow.artifacts.download_artifacts(
-        f"models:/{model}/data/scratch/meta.json", dst_path=str(folder / "download")
+        artifact_uri=f"{stored}/data/scratch/meta.json", dst_path=str(folder / "download")
     )
     assert Path(local).read_text() == (tracked_repo / "models/scratch/meta.json").read_text()
     assert any((folder / "artifacts").rglob("learning_curves.png"))
