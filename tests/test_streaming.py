@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from dvc.cli import main as dvc
 from PIL import Image
+from sklearn.datasets import load_digits
 
 from cnnpipe import store
 from cnnpipe.params import AugmentParams, load_params
 from cnnpipe.sources import load_source
 from cnnpipe.stages import prepare
 from cnnpipe.stages.augment import augmented_copies, build_policy, write_augmented
-from conftest import TINY, write_params
+from conftest import BIN, TINY, write_params
+from shell import environment, run
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (20, 40, 230)}
 
@@ -109,3 +117,108 @@ def test_prepare_reads_a_folder_tracked_with_dvc_add(tmp_path, workdir):
     report = prepare_with(Path("data/raw"), workdir, workers=1)
     assert report["classes"] == ["blue", "green", "red"]
     assert sum(sum(c.values()) for c in report["images"].values()) == 3 * 12
+
+
+def digit_folder(root: Path, per_class: dict[str, int]) -> Path:
+    """Real handwritten digits, one class per digit name, all different images."""
+    digits = load_digits()
+    for number, (name, count) in enumerate(per_class.items()):
+        (root / name).mkdir(parents=True)
+        for i, pixels in enumerate(digits.images[digits.target == number][:count]):
+            grey = (pixels * 255 / 16).astype(np.uint8)
+            Image.fromarray(grey).save(root / name / f"{i:03d}.png")
+    return root
+
+
+# Killed means cleaned up.
+
+
+def child_processes(parent: int) -> list[int]:
+    """The processes whose parent is `parent` (Linux /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == parent:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` still runs: a zombie waiting for a parent that does not reap has ended."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_for(condition, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_kill_9_leaves_no_worker_and_the_next_run_removes_the_staging_folder(tmp_path):
+    """`cnnpipe prepare` killed while 2 workers decode a folder of large JPEGs: the workers
+    and multiprocessing's resource tracker end within seconds; the next run removes the
+    staging folder the killed one left."""
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(np.tile(load_source("builtin:faces", 64).images[0], (40, 60, 1))).save(photo)
+    for name in ("a", "b"):
+        (tmp_path / "busy" / name).mkdir(parents=True)
+        for i in range(150):  # about 10 s of decoding for 2 workers
+            os.link(photo, tmp_path / "busy" / name / f"{i:03d}.jpg")
+    work = tmp_path / "work"
+    work.mkdir()
+    data = {"source": f"folder:{tmp_path / 'busy'}", "image_size": 16, "workers": 2}
+    write_params(work, TINY | {"data": data})
+    env = environment(MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}")
+    stage = subprocess.Popen(
+        [str(BIN / "cnnpipe"), "prepare"],
+        cwd=work,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    staging = work / "data" / f".prepared.tmp-{stage.pid}"
+    try:
+        # the resource tracker and two workers
+        assert wait_for(lambda: staging.exists() and len(child_processes(stage.pid)) >= 3, 60)
+        time.sleep(1)  # the workers are decoding
+        helpers = child_processes(stage.pid)
+        stage.kill()
+        stage.wait()
+        assert wait_for(lambda: not any(map(running, helpers)), 5), helpers
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(stage.pid, signal.SIGKILL)
+    assert staging.exists()
+    digit_folder(tmp_path / "small", {"zero": 20, "one": 20})
+    write_params(work, TINY | {"data": data | {"source": f"folder:{tmp_path / 'small'}"}})
+    run([str(BIN / "cnnpipe"), "prepare"], work, MLFLOW_TRACKING_URI=env["MLFLOW_TRACKING_URI"])
+    assert sorted(path.name for path in (work / "data").iterdir()) == ["prepared"]
+
+
+def test_staging_left_by_dead_processes_is_removed_and_that_of_live_ones_kept(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    alive = os.getppid()
+    for name in (f".out.tmp-{dead.pid}", f".out.old-{dead.pid}", f".out.tmp-{alive}"):
+        (tmp_path / name).mkdir()
+    (tmp_path / f".report.json.tmp-{dead.pid}").write_text("{")
+    with store.atomic_dir(tmp_path / "out") as staging:
+        (staging / "done").touch()
+    store.write_json_atomic(tmp_path / "report.json", {})
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        f".out.tmp-{alive}",
+        "out",
+        "report.json",
+    ]

@@ -12,6 +12,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import multiprocessing
+import os
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -240,12 +243,18 @@ def _checked(chunks, labels, classes, root, on_bad_image) -> Iterator[Chunk]:
 def ordered_map(function: Callable, jobs: list[tuple], workers: int) -> Iterator:
     """`function(*job)` for each job, in order. With more than one worker the jobs run in a
     pool of fresh ("spawn") processes, at most two per worker in flight, so results never pile
-    up in memory when the reader is slower than the workers."""
+    up in memory when the reader is slower than the workers. Workers exit soon after this
+    process dies, even by kill -9 (see `_exit_with_parent`)."""
     workers = min(workers, len(jobs))
     if workers <= 1:
         yield from itertools.starmap(function, jobs)
         return
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_exit_with_parent,
+        initargs=(os.getpid(),),
+    )
     try:
         pending = deque()
         for job in jobs:
@@ -256,6 +265,19 @@ def ordered_map(function: Callable, jobs: list[tuple], workers: int) -> Iterator
             yield pending.popleft().result()
     finally:
         pool.shutdown(cancel_futures=True)
+
+
+def _exit_with_parent(parent: int, every_s: float = 0.5) -> None:
+    """Start a thread in this worker that ends it once `parent` is no longer its parent. A
+    pool's workers otherwise outlive a killed parent: they wait for jobs on a queue whose other
+    end they hold themselves, and keep multiprocessing's resource tracker alive with them."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 # torchvision data sets: downloaded once into data/torchvision, held in memory as uint8.
