@@ -3,8 +3,8 @@ torchvision data sets.
 
 Every source opens as an `ImageStream`: the labels of all its items up front, so the split can
 be decided before a pixel is decoded, then the pixels chunk by chunk, in item order, as uint8
-RGB images of one square size. A folder is decoded in worker processes; files that cannot be
-read are reported with the reason, not lost.
+RGB images of one square size. A folder is decoded in worker processes by `images`, the one
+decoder; files that cannot be read are reported with the reason, not lost.
 """
 
 from __future__ import annotations
@@ -22,26 +22,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from cnnpipe import store
+from cnnpipe import images, store
 from cnnpipe.errors import UserError
+from cnnpipe.images import UnreadableImage
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TORCHVISION_ROOT = Path("data/torchvision")
 
 
 @dataclass
 class BadImage:
-    path: str
-    kind: str  # empty_file | not_an_image | unreadable | decode_error
+    path: str  # printable (`images.safe_name`)
+    kind: str  # an `UnreadableImage` kind
     reason: str
-
-
-class UnreadableImage(ValueError):
-    def __init__(self, kind: str, reason: str):
-        super().__init__(reason)
-        self.kind = kind
 
 
 @dataclass
@@ -125,9 +119,9 @@ def load_digits(image_size: int) -> LabelledImages:
     from sklearn.datasets import load_digits as sklearn_digits
 
     digits = sklearn_digits()
-    images = _resize_all(digits.images / 16.0, image_size)
+    squares = _resize_all(digits.images / 16.0, image_size)
     classes = [str(name) for name in digits.target_names]
-    return LabelledImages(images, digits.target.astype(np.int64), classes)
+    return LabelledImages(squares, digits.target.astype(np.int64), classes)
 
 
 def load_faces(image_size: int) -> LabelledImages:
@@ -145,39 +139,17 @@ BUILTINS = {"digits": load_digits, "faces": load_faces}
 # Image folders: listed up front, decoded chunk by chunk in worker processes.
 
 
-def _rgb_square(image: Image.Image, image_size: int) -> np.ndarray:
-    rgb = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
-    return np.asarray(rgb, dtype=np.uint8)
-
-
-def read_image(path: Path, image_size: int) -> np.ndarray:
-    """Decode one file into uint8 RGB of `image_size` squared, EXIF orientation applied."""
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
-        reason = f"not an image file type ({path.suffix or 'no extension'})"
-        raise UnreadableImage("not_an_image", reason)
-    if path.stat().st_size == 0:
-        raise UnreadableImage("empty_file", "empty file (0 bytes)")
-    try:
-        with Image.open(path) as image:
-            return _rgb_square(ImageOps.exif_transpose(image), image_size)
-    except UnidentifiedImageError:
-        reason = "not a readable image (unknown or corrupt format)"
-        raise UnreadableImage("unreadable", reason) from None
-    except (OSError, SyntaxError, Image.DecompressionBombError) as err:
-        raise UnreadableImage("decode_error", f"cannot decode image: {err}") from None
-
-
 def decode_files(paths: list[Path], first_item: int, image_size: int) -> Chunk:
     """The chunk of items `first_item, first_item + 1, ...` that `paths` are (runs in a worker)."""
-    images = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
+    decoded = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
     items, bad_images = [], []
     for offset, path in enumerate(paths):
         try:
-            images[len(items)] = read_image(path, image_size)
+            decoded[len(items)] = images.decode_file(path, image_size)
             items.append(first_item + offset)
         except UnreadableImage as reason:
-            bad_images.append(BadImage(str(path), reason.kind, str(reason)))
-    return Chunk(np.array(items, dtype=np.int64), images[: len(items)], len(paths), bad_images)
+            bad_images.append(BadImage(images.safe_name(path), reason.kind, str(reason)))
+    return Chunk(np.array(items, dtype=np.int64), decoded[: len(items)], len(paths), bad_images)
 
 
 def list_folder(root: Path) -> tuple[list[Path], np.ndarray, list[str]]:
@@ -314,6 +286,6 @@ def _resized_chunks(pixels: np.ndarray, first_item: int, image_size: int) -> Ite
     per_chunk = store.rows_per_chunk((image_size, image_size, 3))
     for start in range(0, len(pixels), per_chunk):
         part = pixels[start : start + per_chunk]
-        images = np.stack([_rgb_square(Image.fromarray(image), image_size) for image in part])
+        squares = np.stack([images.from_pixels(image, image_size) for image in part])
         items = np.arange(first_item + start, first_item + start + len(part))
-        yield Chunk(items, images, len(part))
+        yield Chunk(items, squares, len(part))
