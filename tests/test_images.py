@@ -168,7 +168,7 @@ def test_normal_images_decode_to_the_same_pixels_as_before(image_folder, tmp_pat
     }
     for name, (pixels, options) in photos.items():
         Image.fromarray(pixels).save(tmp_path / name, **options)
-    files = [*list_folder(image_folder)[0], *(tmp_path / name for name in photos)]
+    files = [*list_folder(image_folder).files, *(tmp_path / name for name in photos)]
     for path in files:
         for size in (SIZE, 64):
             np.testing.assert_array_equal(
@@ -180,7 +180,7 @@ def test_a_file_gives_the_same_pixels_to_prepare_and_to_the_served_model(image_f
     """The folder source (prepare) and the served model's cells: file bytes, base64 text, and
     the file's full-size RGB pixels."""
     prepared = load_folder(image_folder, SIZE)
-    files = list_folder(image_folder)[0]
+    files = list_folder(image_folder).files
     cells = [path.read_bytes() for path in files]
     text = [base64.b64encode(cell).decode() for cell in cells]
     full_size = []

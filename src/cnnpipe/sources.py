@@ -34,7 +34,7 @@ TORCHVISION_ROOT = Path("data/torchvision")
 @dataclass
 class BadImage:
     path: str  # printable (`images.safe_name`)
-    kind: str  # an `UnreadableImage` kind
+    kind: str  # an `UnreadableImage` kind, or broken_link | link_loop | not_a_file
     reason: str
 
 
@@ -54,6 +54,8 @@ class ImageStream:
     classes: list[str]
     chunks: Iterator[Chunk]  # every item once, in order
     test_items: np.ndarray | None = None  # the items of the source's own test split, if any
+    skipped: list[BadImage] = field(default_factory=list)  # found while listing, not items
+    name_of: Callable[[int], str] = "item {}".format  # an item's name for reports: its file
 
 
 @dataclass
@@ -91,7 +93,7 @@ def collect(stream: ImageStream) -> LabelledImages:
         np.concatenate([chunk.images for chunk in chunks]),
         stream.labels[items],
         stream.classes,
-        [bad for chunk in chunks for bad in chunk.bad_images],
+        stream.skipped + [bad for chunk in chunks for bad in chunk.bad_images],
     )
 
 
@@ -139,6 +141,14 @@ BUILTINS = {"digits": load_digits, "faces": load_faces}
 # Image folders: listed up front, decoded chunk by chunk in worker processes.
 
 
+@dataclass
+class FolderListing:
+    files: list[Path]  # sorted per class
+    labels: np.ndarray  # int64, one per file
+    classes: list[str]  # the class folders' names, printable (see `images.safe_name`)
+    skipped: list[BadImage]  # entries that are no file to decode: broken links, link loops
+
+
 def decode_files(paths: list[Path], first_item: int, image_size: int) -> Chunk:
     """The chunk of items `first_item, first_item + 1, ...` that `paths` are (runs in a worker)."""
     decoded = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
@@ -152,15 +162,18 @@ def decode_files(paths: list[Path], first_item: int, image_size: int) -> Chunk:
     return Chunk(np.array(items, dtype=np.int64), decoded[: len(items)], len(paths), bad_images)
 
 
-def list_folder(root: Path) -> tuple[list[Path], np.ndarray, list[str]]:
-    """Files (sorted per class), their labels and the class names of `root/<class>/**`."""
+def list_folder(root: Path) -> FolderListing:
+    """The files of `root/<class>/**`: hidden files and folders (".*") left out, links to
+    folders followed (see `_files_under`)."""
     if not root.is_dir():
         raise UserError(f"data folder {root} does not exist: point data.source at folder:<path>")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files = {
-        d.name: sorted(f for f in d.rglob("*") if f.is_file() and not f.name.startswith("."))
-        for d in class_dirs
-    }
+    files, skipped = {}, []
+    for folder in class_dirs:
+        name = images.safe_name(folder.name)
+        if name in files:  # "caf\xe9" next to a folder whose name has the byte 0xe9
+            raise UserError(f"class folders {name} and {folder} have the same printed name")
+        files[name] = _files_under(folder, skipped)
     if not any(files.values()):
         raise UserError(f"data folder {root} holds no images: put them in one sub-folder per class")
     classes = list(files)
@@ -168,7 +181,51 @@ def list_folder(root: Path) -> tuple[list[Path], np.ndarray, list[str]]:
         raise UserError(f"{root} has {len(classes)} class folder; a classifier needs at least 2")
     _require_every_class([len(fs) for fs in files.values()], classes, root)
     labels = np.repeat(np.arange(len(classes), dtype=np.int64), [len(fs) for fs in files.values()])
-    return [f for fs in files.values() for f in fs], labels, classes
+    return FolderListing([f for fs in files.values() for f in fs], labels, classes, skipped)
+
+
+def _files_under(folder: Path, skipped: list[BadImage]) -> list[Path]:
+    """The files under `folder` at any depth, sorted. Links are followed, to files and to
+    folders; a link to a folder that contains it (a loop), a broken link (what `dvc gc` leaves
+    of a DVC symlink cache), an unlistable folder and anything that is not a regular file are
+    appended to `skipped` instead."""
+    files = []
+    pending = [(folder, frozenset([_identity(folder)]))]
+    while pending:
+        current, enclosing = pending.pop()
+        try:
+            entries = list(os.scandir(current))
+        except OSError as err:
+            skipped.append(_skip(current, "cannot_open", f"cannot list folder: {err.strerror}"))
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                identity = _identity(path)
+                if identity in enclosing:
+                    reason = "link to a folder that contains it (a loop): not followed"
+                    skipped.append(_skip(path, "link_loop", reason))
+                else:
+                    pending.append((path, enclosing | {identity}))
+            elif entry.is_file():
+                files.append(path)
+            elif entry.is_symlink() and not path.exists():
+                target = images.safe_name(os.readlink(path))
+                skipped.append(_skip(path, "broken_link", f"broken link to {target}"))
+            else:
+                skipped.append(_skip(path, "not_a_file", "not a regular file"))
+    return sorted(files)
+
+
+def _identity(folder: Path) -> tuple[int, int]:
+    status = folder.stat()
+    return status.st_dev, status.st_ino
+
+
+def _skip(path: Path, kind: str, reason: str) -> BadImage:
+    return BadImage(images.safe_name(path), kind, reason)
 
 
 def _require_every_class(usable: Iterable[int], classes: list[str], root: Path) -> None:
@@ -185,16 +242,29 @@ def stream_folder(
 ) -> ImageStream:
     """Read `root/<class>/**/<image>` with `workers` processes (1: in this process).
     Unreadable files are skipped and listed, or, with on_bad_image "fail", stop the stream."""
-    files, labels, classes = list_folder(root)
-    chunks = _decoded_folder(files, labels, classes, root, image_size, on_bad_image, workers)
-    return ImageStream(labels, classes, chunks)
+    listing = list_folder(root)
+    if listing.skipped and on_bad_image == "fail":
+        raise _bad_image_error(listing.skipped[0])
+    chunks = _decoded_folder(listing, root, image_size, on_bad_image, workers)
+    return ImageStream(
+        listing.labels,
+        listing.classes,
+        chunks,
+        skipped=listing.skipped,
+        name_of=lambda item: images.safe_name(listing.files[item]),
+    )
 
 
-def _decoded_folder(files, labels, classes, root, image_size, on_bad_image, workers):
+def _bad_image_error(bad: BadImage) -> UserError:
+    return UserError(f"{bad.path}: {bad.reason} (remove the file, or set data.on_bad_image: skip)")
+
+
+def _decoded_folder(listing: FolderListing, root, image_size, on_bad_image, workers):
     per_chunk = store.rows_per_chunk((image_size, image_size, 3))
+    files = listing.files
     jobs = [(files[i : i + per_chunk], i, image_size) for i in range(0, len(files), per_chunk)]
     with contextlib.closing(ordered_map(decode_files, jobs, workers)) as chunks:
-        yield from _checked(chunks, labels, classes, root, on_bad_image)
+        yield from _checked(chunks, listing.labels, listing.classes, root, on_bad_image)
 
 
 def _checked(chunks, labels, classes, root, on_bad_image) -> Iterator[Chunk]:
@@ -203,10 +273,7 @@ def _checked(chunks, labels, classes, root, on_bad_image) -> Iterator[Chunk]:
     usable = np.zeros(len(classes), dtype=np.int64)
     for chunk in chunks:
         if chunk.bad_images and on_bad_image == "fail":
-            bad = chunk.bad_images[0]
-            raise UserError(
-                f"{bad.path}: {bad.reason} (remove the file, or set data.on_bad_image: skip)"
-            )
+            raise _bad_image_error(chunk.bad_images[0])
         usable += np.bincount(labels[chunk.items], minlength=len(classes))
         yield chunk
     _require_every_class(usable.tolist(), classes, root)

@@ -101,7 +101,7 @@ def run(params: Params) -> None:
             stream.labels, data.val_fraction, data.test_fraction, params.seed, stream.test_items
         )
         with store.atomic_dir(PREPARED) as staging:
-            bad_images = write_splits(stream, splits, staging, data.image_size)
+            bad_images = stream.skipped + write_splits(stream, splits, staging, data.image_size)
             store.write_json(staging / "classes.json", stream.classes)
         seconds = time.perf_counter() - started
         labels = {split: store.read_split(PREPARED, split)[1] for split in store.SPLITS}
