@@ -35,7 +35,8 @@ def artifacts(client: MlflowClient, run_id: str, folder: str | None = None) -> l
 def lock_md5s(repo: Path) -> dict[str, list[str]]:
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     return {
-        name: [out["md5"] for out in stage.get("outs", [])] for name, stage in lock["stages"].items()
+        name: [out["md5"] for out in stage.get("outs", [])]
+        for name, stage in lock["stages"].items()
     }
 
 

@@ -20,6 +20,7 @@ from PIL import Image
 from cnnpipe import registry, store
 from conftest import BIN, REPO
 from shell import run
+from test_images import check_predict_answers_each_file
 
 MODEL = "cnnpipe-classifier"
 
@@ -138,3 +139,8 @@ def test_predict_without_a_champion_says_what_to_do(tmp_path, monkeypatch):
     assert "no champion of 'cnnpipe-classifier'" in result.stderr
     assert "Traceback" not in result.stderr
     assert registry.champion(MODEL) is None
+
+
+def test_predict_answers_hostile_files_in_one_line_each(repo_store, tmp_path):
+    repo, _ = repo_store
+    check_predict_answers_each_file(repo / "models" / "scratch", repo, tmp_path)

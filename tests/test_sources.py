@@ -1,3 +1,7 @@
+import os
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -101,3 +105,70 @@ def test_class_without_usable_image_is_a_clear_error(image_folder):
         path.write_bytes(b"")
     with pytest.raises(UserError, match="seven .*no usable image"):
         load_folder(image_folder, 16)
+
+
+def test_hidden_files_and_folders_are_ignored(image_folder):
+    """What notebooks, macOS and tools leave in a folder is not data."""
+    checkpoints = image_folder / "zero" / ".ipynb_checkpoints"
+    checkpoints.mkdir()
+    shutil.copy(image_folder / "zero" / "00.png", checkpoints / "00-checkpoint.png")
+    (image_folder / "zero" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (image_folder / "one" / "._01.png").write_bytes(b"AppleDouble")
+    shutil.copytree(image_folder / "seven", image_folder / ".trash")
+    loaded = load_folder(image_folder, 20)
+    assert loaded.classes == ["one", "seven", "zero"]
+    assert np.bincount(loaded.labels).tolist() == [12, 12, 12]
+    assert loaded.bad_images == []
+
+
+def test_links_to_folders_are_followed_and_a_loop_is_reported(image_folder, tmp_path):
+    outside = tmp_path / "outside"
+    for digit, name in ((8, "eight"), (0, "more_zeros")):
+        (outside / name).mkdir(parents=True)
+        for i, image in enumerate(digit_images(digit, 5, size=20)):
+            image.save(outside / name / f"{i}.png")
+    (image_folder / "eight").symlink_to(outside / "eight", target_is_directory=True)
+    (image_folder / "zero" / "more").symlink_to(outside / "more_zeros", target_is_directory=True)
+    (image_folder / "one" / "nested" / "loop").parent.mkdir()
+    (image_folder / "one" / "nested" / "loop").symlink_to(image_folder / "one")
+    loaded = load_folder(image_folder, 20)
+    assert loaded.classes == ["eight", "one", "seven", "zero"]
+    assert np.bincount(loaded.labels).tolist() == [5, 12, 12, 17]
+    [loop] = loaded.bad_images
+    assert loop.path.endswith("one/nested/loop") and loop.kind == "link_loop"
+    assert "loop" in loop.reason
+
+
+def test_a_broken_link_is_listed_with_its_reason(image_folder, tmp_path):
+    """What `dvc gc` leaves of a folder checked out with DVC's symlink cache."""
+    (image_folder / "seven" / "gone.png").symlink_to(tmp_path / "cache" / "ab" / "cdef")
+    loaded = load_folder(image_folder, 20)
+    assert [(Path(bad.path).name, bad.kind) for bad in loaded.bad_images] == [
+        ("gone.png", "broken_link")
+    ]
+    assert loaded.bad_images[0].reason == f"broken link to {tmp_path}/cache/ab/cdef"
+    with pytest.raises(UserError, match=r"seven/gone\.png: broken link to .*cdef \(remove"):
+        load_folder(image_folder, 20, on_bad_image="fail")
+
+
+def test_a_named_pipe_is_reported_not_opened(image_folder):
+    """Opening a FIFO would block prepare until something writes to it."""
+    os.mkfifo(image_folder / "one" / "pipe.png")
+    loaded = load_folder(image_folder, 20)
+    assert [(Path(bad.path).name, bad.kind) for bad in loaded.bad_images] == [
+        ("pipe.png", "not_a_file")
+    ]
+
+
+def test_names_that_are_not_utf8_are_reported_printably(image_folder):
+    """A class folder and a file whose names are not UTF-8 (an old camera, a Windows zip):
+    class names and paths come out with the bytes as \\xNN, which any output can print."""
+    latin1 = b"sev\xe9n".decode("utf-8", "surrogateescape")
+    (image_folder / "seven").rename(image_folder / latin1)
+    (image_folder / latin1 / b"\xff.png".decode("utf-8", "surrogateescape")).write_bytes(b"x")
+    loaded = load_folder(image_folder, 20)
+    assert loaded.classes == ["one", "sev\\xe9n", "zero"]
+    [bad] = loaded.bad_images
+    assert bad.path.endswith("/sev\\xe9n/\\xff.png")
+    for text in (*loaded.classes, bad.path, bad.reason):
+        text.encode("utf-8", "strict")  # what a strict UTF-8 stdout does to a printed line

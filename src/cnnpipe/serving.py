@@ -9,6 +9,7 @@ a pickle, and `load` reads a logged model without running anything from it.
 from __future__ import annotations
 
 import base64
+import binascii
 import io
 import platform
 from importlib.metadata import version
@@ -23,11 +24,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import AnyType, ColSpec, DataType, Schema
-from PIL import Image, ImageOps
+from PIL import Image
 
-from cnnpipe import engine, layout, networks, store
+from cnnpipe import engine, images, layout, networks, store
 from cnnpipe.errors import UserError
-from cnnpipe.sources import UnreadableImage, read_image
+from cnnpipe.images import UnreadableImage
 
 PYFUNC_REQUIREMENTS = [
     f"{name}=={version(name)}"
@@ -44,17 +45,12 @@ CONDA_ENV = {
 
 def decode_image(data: bytes | str, image_size: int) -> np.ndarray:
     """An encoded image file (bytes, or base64 text) -> uint8 RGB of `image_size` squared."""
-    raw = base64.b64decode(data) if isinstance(data, str) else data
-    with Image.open(io.BytesIO(raw)) as image:
-        rgb = ImageOps.exif_transpose(image).convert("RGB")
-        return np.asarray(rgb.resize((image_size, image_size), Image.Resampling.BICUBIC))
-
-
-def resize_array(image: np.ndarray, image_size: int) -> np.ndarray:
-    if image.shape[:2] == (image_size, image_size):
-        return image
-    pil = Image.fromarray(np.asarray(image, dtype=np.uint8))
-    return np.asarray(pil.resize((image_size, image_size), Image.Resampling.BICUBIC))
+    if isinstance(data, str):
+        try:
+            data = base64.b64decode(data)
+        except (binascii.Error, ValueError) as err:
+            raise UnreadableImage("bad_base64", f"not base64 text: {err}") from None
+    return images.decode_bytes(data, image_size)
 
 
 def to_image(value, image_size: int) -> np.ndarray:
@@ -62,18 +58,24 @@ def to_image(value, image_size: int) -> np.ndarray:
     (nested lists over JSON)."""
     if isinstance(value, bytes | str):
         return decode_image(value, image_size)
-    return resize_array(np.asarray(value, dtype=np.uint8), image_size)
+    return images.from_pixels(value, image_size)
 
 
 def to_batch(model_input, image_size: int) -> np.ndarray:
-    """A DataFrame with an `image` column, or uint8 H x W x 3 arrays (one, or a stack)."""
+    """A DataFrame with an `image` column, or uint8 H x W x 3 arrays (one, or a stack), as a
+    stack of decoded squares. Raises `UnreadableImage` naming the first image that is not one."""
     if isinstance(model_input, pd.DataFrame):
-        images = [to_image(value, image_size) for value in model_input["image"]]
+        cells, convert = list(model_input["image"]), to_image
     else:
         array = np.asarray(model_input)
-        array = array[None] if array.ndim == 3 else array
-        images = [resize_array(image, image_size) for image in array]
-    return np.stack(images)
+        cells, convert = (array[None] if array.ndim == 3 else array), images.from_pixels
+    squares = []
+    for number, cell in enumerate(cells):
+        try:
+            squares.append(convert(cell, image_size))
+        except UnreadableImage as err:
+            raise UnreadableImage(err.kind, f"image {number}: {err}") from None
+    return np.stack(squares)
 
 
 def encoded(images: np.ndarray) -> pd.DataFrame:
@@ -175,20 +177,18 @@ def load(model_uri: str) -> ImageClassifier:
     return ImageClassifier(data)
 
 
-def predict_files(classifier: ImageClassifier, paths: list[Path]) -> list[tuple[Path, str]]:
-    """One line of answer per file: `class (probability)`, or why the file could not be read.
-    Readable files are predicted together, in one batch."""
+def predict_files(classifier: ImageClassifier, paths: list[Path]) -> list[tuple[str, str]]:
+    """One line of answer per file: its printable name and `class (probability)`, or why the
+    file could not be read. Readable files are predicted together, in one batch."""
     size = classifier.meta.image_size
     decoded, answers = {}, {}
     for path in paths:
         try:
-            decoded[path] = read_image(path, size)
+            decoded[path] = images.decode_file(path, size)
         except UnreadableImage as err:
             answers[path] = f"error: {err}"
-        except OSError as err:
-            answers[path] = f"error: {err.strerror or err}"
     if decoded:
         table = classifier.predict(np.stack(list(decoded.values())))
         for path, row in zip(decoded, table.itertuples(index=False), strict=True):
             answers[path] = f"{row[0]} ({row[1]:.3f})"
-    return [(path, answers[path]) for path in paths]
+    return [(images.safe_name(path), answers[path]) for path in paths]

@@ -3,8 +3,8 @@ torchvision data sets.
 
 Every source opens as an `ImageStream`: the labels of all its items up front, so the split can
 be decided before a pixel is decoded, then the pixels chunk by chunk, in item order, as uint8
-RGB images of one square size. A folder is decoded in worker processes; files that cannot be
-read are reported with the reason, not lost.
+RGB images of one square size. A folder is decoded in worker processes by `images`, the one
+decoder; files that cannot be read are reported with the reason, not lost.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import multiprocessing
+import os
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -19,26 +22,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from cnnpipe import store
+from cnnpipe import images, store
 from cnnpipe.errors import UserError
+from cnnpipe.images import UnreadableImage
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TORCHVISION_ROOT = Path("data/torchvision")
 
 
 @dataclass
 class BadImage:
-    path: str
-    kind: str  # empty_file | not_an_image | unreadable | decode_error
+    path: str  # printable (`images.safe_name`)
+    kind: str  # an `UnreadableImage` kind, or broken_link | link_loop | not_a_file
     reason: str
-
-
-class UnreadableImage(ValueError):
-    def __init__(self, kind: str, reason: str):
-        super().__init__(reason)
-        self.kind = kind
 
 
 @dataclass
@@ -57,6 +54,8 @@ class ImageStream:
     classes: list[str]
     chunks: Iterator[Chunk]  # every item once, in order
     test_items: np.ndarray | None = None  # the items of the source's own test split, if any
+    skipped: list[BadImage] = field(default_factory=list)  # found while listing, not items
+    name_of: Callable[[int], str] = "item {}".format  # an item's name for reports: its file
 
 
 @dataclass
@@ -94,7 +93,7 @@ def collect(stream: ImageStream) -> LabelledImages:
         np.concatenate([chunk.images for chunk in chunks]),
         stream.labels[items],
         stream.classes,
-        [bad for chunk in chunks for bad in chunk.bad_images],
+        stream.skipped + [bad for chunk in chunks for bad in chunk.bad_images],
     )
 
 
@@ -122,9 +121,9 @@ def load_digits(image_size: int) -> LabelledImages:
     from sklearn.datasets import load_digits as sklearn_digits
 
     digits = sklearn_digits()
-    images = _resize_all(digits.images / 16.0, image_size)
+    squares = _resize_all(digits.images / 16.0, image_size)
     classes = [str(name) for name in digits.target_names]
-    return LabelledImages(images, digits.target.astype(np.int64), classes)
+    return LabelledImages(squares, digits.target.astype(np.int64), classes)
 
 
 def load_faces(image_size: int) -> LabelledImages:
@@ -142,50 +141,39 @@ BUILTINS = {"digits": load_digits, "faces": load_faces}
 # Image folders: listed up front, decoded chunk by chunk in worker processes.
 
 
-def _rgb_square(image: Image.Image, image_size: int) -> np.ndarray:
-    rgb = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
-    return np.asarray(rgb, dtype=np.uint8)
-
-
-def read_image(path: Path, image_size: int) -> np.ndarray:
-    """Decode one file into uint8 RGB of `image_size` squared, EXIF orientation applied."""
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
-        reason = f"not an image file type ({path.suffix or 'no extension'})"
-        raise UnreadableImage("not_an_image", reason)
-    if path.stat().st_size == 0:
-        raise UnreadableImage("empty_file", "empty file (0 bytes)")
-    try:
-        with Image.open(path) as image:
-            return _rgb_square(ImageOps.exif_transpose(image), image_size)
-    except UnidentifiedImageError:
-        reason = "not a readable image (unknown or corrupt format)"
-        raise UnreadableImage("unreadable", reason) from None
-    except (OSError, SyntaxError, Image.DecompressionBombError) as err:
-        raise UnreadableImage("decode_error", f"cannot decode image: {err}") from None
+@dataclass
+class FolderListing:
+    files: list[Path]  # sorted per class
+    labels: np.ndarray  # int64, one per file
+    classes: list[str]  # the class folders' names, printable (see `images.safe_name`)
+    skipped: list[BadImage]  # entries that are no file to decode: broken links, link loops
 
 
 def decode_files(paths: list[Path], first_item: int, image_size: int) -> Chunk:
     """The chunk of items `first_item, first_item + 1, ...` that `paths` are (runs in a worker)."""
-    images = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
+    decoded = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
     items, bad_images = [], []
     for offset, path in enumerate(paths):
         try:
-            images[len(items)] = read_image(path, image_size)
+            decoded[len(items)] = images.decode_file(path, image_size)
             items.append(first_item + offset)
         except UnreadableImage as reason:
-            bad_images.append(BadImage(str(path), reason.kind, str(reason)))
-    return Chunk(np.array(items, dtype=np.int64), images[: len(items)], len(paths), bad_images)
+            bad_images.append(BadImage(images.safe_name(path), reason.kind, str(reason)))
+    return Chunk(np.array(items, dtype=np.int64), decoded[: len(items)], len(paths), bad_images)
 
 
-def list_folder(root: Path) -> tuple[list[Path], np.ndarray, list[str]]:
-    """Files (sorted per class), their labels and the class names of `root/<class>/**`."""
+def list_folder(root: Path) -> FolderListing:
+    """The files of `root/<class>/**`: hidden files and folders (".*") left out, links to
+    folders followed (see `_files_under`)."""
     if not root.is_dir():
         raise UserError(f"data folder {root} does not exist: point data.source at folder:<path>")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files = {
-        d.name: sorted(f for f in d.rglob("*") if f.is_file() and not f.name.startswith("."))
-        for d in class_dirs
-    }
+    files, skipped = {}, []
+    for folder in class_dirs:
+        name = images.safe_name(folder.name)
+        if name in files:  # "caf\xe9" next to a folder whose name has the byte 0xe9
+            raise UserError(f"class folders {name} and {folder} have the same printed name")
+        files[name] = _files_under(folder, skipped)
     if not any(files.values()):
         raise UserError(f"data folder {root} holds no images: put them in one sub-folder per class")
     classes = list(files)
@@ -193,7 +181,51 @@ def list_folder(root: Path) -> tuple[list[Path], np.ndarray, list[str]]:
         raise UserError(f"{root} has {len(classes)} class folder; a classifier needs at least 2")
     _require_every_class([len(fs) for fs in files.values()], classes, root)
     labels = np.repeat(np.arange(len(classes), dtype=np.int64), [len(fs) for fs in files.values()])
-    return [f for fs in files.values() for f in fs], labels, classes
+    return FolderListing([f for fs in files.values() for f in fs], labels, classes, skipped)
+
+
+def _files_under(folder: Path, skipped: list[BadImage]) -> list[Path]:
+    """The files under `folder` at any depth, sorted. Links are followed, to files and to
+    folders; a link to a folder that contains it (a loop), a broken link (what `dvc gc` leaves
+    of a DVC symlink cache), an unlistable folder and anything that is not a regular file are
+    appended to `skipped` instead."""
+    files = []
+    pending = [(folder, frozenset([_identity(folder)]))]
+    while pending:
+        current, enclosing = pending.pop()
+        try:
+            entries = list(os.scandir(current))
+        except OSError as err:
+            skipped.append(_skip(current, "cannot_open", f"cannot list folder: {err.strerror}"))
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                identity = _identity(path)
+                if identity in enclosing:
+                    reason = "link to a folder that contains it (a loop): not followed"
+                    skipped.append(_skip(path, "link_loop", reason))
+                else:
+                    pending.append((path, enclosing | {identity}))
+            elif entry.is_file():
+                files.append(path)
+            elif entry.is_symlink() and not path.exists():
+                target = images.safe_name(os.readlink(path))
+                skipped.append(_skip(path, "broken_link", f"broken link to {target}"))
+            else:
+                skipped.append(_skip(path, "not_a_file", "not a regular file"))
+    return sorted(files)
+
+
+def _identity(folder: Path) -> tuple[int, int]:
+    status = folder.stat()
+    return status.st_dev, status.st_ino
+
+
+def _skip(path: Path, kind: str, reason: str) -> BadImage:
+    return BadImage(images.safe_name(path), kind, reason)
 
 
 def _require_every_class(usable: Iterable[int], classes: list[str], root: Path) -> None:
@@ -210,16 +242,29 @@ def stream_folder(
 ) -> ImageStream:
     """Read `root/<class>/**/<image>` with `workers` processes (1: in this process).
     Unreadable files are skipped and listed, or, with on_bad_image "fail", stop the stream."""
-    files, labels, classes = list_folder(root)
-    chunks = _decoded_folder(files, labels, classes, root, image_size, on_bad_image, workers)
-    return ImageStream(labels, classes, chunks)
+    listing = list_folder(root)
+    if listing.skipped and on_bad_image == "fail":
+        raise _bad_image_error(listing.skipped[0])
+    chunks = _decoded_folder(listing, root, image_size, on_bad_image, workers)
+    return ImageStream(
+        listing.labels,
+        listing.classes,
+        chunks,
+        skipped=listing.skipped,
+        name_of=lambda item: images.safe_name(listing.files[item]),
+    )
 
 
-def _decoded_folder(files, labels, classes, root, image_size, on_bad_image, workers):
+def _bad_image_error(bad: BadImage) -> UserError:
+    return UserError(f"{bad.path}: {bad.reason} (remove the file, or set data.on_bad_image: skip)")
+
+
+def _decoded_folder(listing: FolderListing, root, image_size, on_bad_image, workers):
     per_chunk = store.rows_per_chunk((image_size, image_size, 3))
+    files = listing.files
     jobs = [(files[i : i + per_chunk], i, image_size) for i in range(0, len(files), per_chunk)]
     with contextlib.closing(ordered_map(decode_files, jobs, workers)) as chunks:
-        yield from _checked(chunks, labels, classes, root, on_bad_image)
+        yield from _checked(chunks, listing.labels, listing.classes, root, on_bad_image)
 
 
 def _checked(chunks, labels, classes, root, on_bad_image) -> Iterator[Chunk]:
@@ -228,10 +273,7 @@ def _checked(chunks, labels, classes, root, on_bad_image) -> Iterator[Chunk]:
     usable = np.zeros(len(classes), dtype=np.int64)
     for chunk in chunks:
         if chunk.bad_images and on_bad_image == "fail":
-            bad = chunk.bad_images[0]
-            raise UserError(
-                f"{bad.path}: {bad.reason} (remove the file, or set data.on_bad_image: skip)"
-            )
+            raise _bad_image_error(chunk.bad_images[0])
         usable += np.bincount(labels[chunk.items], minlength=len(classes))
         yield chunk
     _require_every_class(usable.tolist(), classes, root)
@@ -240,12 +282,18 @@ def _checked(chunks, labels, classes, root, on_bad_image) -> Iterator[Chunk]:
 def ordered_map(function: Callable, jobs: list[tuple], workers: int) -> Iterator:
     """`function(*job)` for each job, in order. With more than one worker the jobs run in a
     pool of fresh ("spawn") processes, at most two per worker in flight, so results never pile
-    up in memory when the reader is slower than the workers."""
+    up in memory when the reader is slower than the workers. Workers exit soon after this
+    process dies, even by kill -9 (see `_exit_with_parent`)."""
     workers = min(workers, len(jobs))
     if workers <= 1:
         yield from itertools.starmap(function, jobs)
         return
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_exit_with_parent,
+        initargs=(os.getpid(),),
+    )
     try:
         pending = deque()
         for job in jobs:
@@ -256,6 +304,19 @@ def ordered_map(function: Callable, jobs: list[tuple], workers: int) -> Iterator
             yield pending.popleft().result()
     finally:
         pool.shutdown(cancel_futures=True)
+
+
+def _exit_with_parent(parent: int, every_s: float = 0.5) -> None:
+    """Start a thread in this worker that ends it once `parent` is no longer its parent. A
+    pool's workers otherwise outlive a killed parent: they wait for jobs on a queue whose other
+    end they hold themselves, and keep multiprocessing's resource tracker alive with them."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 # torchvision data sets: downloaded once into data/torchvision, held in memory as uint8.
@@ -292,6 +353,6 @@ def _resized_chunks(pixels: np.ndarray, first_item: int, image_size: int) -> Ite
     per_chunk = store.rows_per_chunk((image_size, image_size, 3))
     for start in range(0, len(pixels), per_chunk):
         part = pixels[start : start + per_chunk]
-        images = np.stack([_rgb_square(Image.fromarray(image), image_size) for image in part])
+        squares = np.stack([images.from_pixels(image, image_size) for image in part])
         items = np.arange(first_item + start, first_item + start + len(part))
-        yield Chunk(items, images, len(part))
+        yield Chunk(items, squares, len(part))

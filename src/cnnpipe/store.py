@@ -11,6 +11,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,8 +37,10 @@ class Split:
 
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary folder that replaces `final` only if the block finishes."""
+    """Yield a temporary folder that replaces `final` only if the block finishes. Staging
+    folders that killed processes left next to `final` are removed first."""
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(final)
     staging = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -53,6 +56,30 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     shutil.rmtree(retired, ignore_errors=True)
 
 
+def remove_stale_staging(final: Path) -> None:
+    """Remove `.<name>.tmp-<pid>` and `.<name>.old-<pid>` next to `final` whose process no
+    longer runs: what a writer killed with SIGKILL (or a power cut) leaves behind."""
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.(tmp|old)-([0-9]+)")
+    for path in final.parent.iterdir():
+        match = pattern.fullmatch(path.name)
+        if match is None or _running(int(match[2])):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's process
+        pass
+    return True
+
+
 def write_json(path: Path, payload: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
@@ -60,6 +87,7 @@ def write_json(path: Path, payload: object) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(path)
     staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     staging.write_text(text)
     staging.replace(path)
