@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cnnpipe import metrics
+from cnnpipe import metrics, report
 from cnnpipe.report import ModelResult
 from cnnpipe.stages.evaluate import choose
 
@@ -50,3 +50,16 @@ def _result(name, accuracy, parameters):
 def test_choose_the_best_by_metric_and_the_smaller_model_on_a_tie():
     assert choose([_result("a", 0.9, 10), _result("b", 0.95, 99)], "accuracy").name == "b"
     assert choose([_result("a", 0.95, 10), _result("b", 0.95, 99)], "accuracy").name == "a"
+
+
+def test_a_score_undefined_on_the_test_split_is_none_and_never_wins():
+    labels = np.array([0, 0, 1, 1])  # class 2 has no test image: no ROC-AUC
+    probabilities = np.array([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.3, 0.6, 0.1]])
+    scores = metrics.score(labels, probabilities, ["a", "b", "c"])
+    assert scores["roc_auc"] is None and scores["accuracy"] == 1.0
+    undefined = ModelResult("a", "a", scores, {"parameters": 1, "latency_ms": 1, "file_mb": 1})
+    defined = ModelResult("b", "b", scores | {"roc_auc": 0.1}, {"parameters": 99})
+    assert choose([undefined, defined], "roc_auc").name == "b"
+    assert "roc_auc" in undefined.headline() and "test_roc_auc" not in undefined.test_metrics()
+    text = report.render([undefined], undefined, "roc_auc", "note", 4, "hash", "cpu")
+    assert "| ROC-AUC | n/a |" in text and "nan" not in text.lower()

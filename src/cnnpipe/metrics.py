@@ -22,19 +22,28 @@ def score(labels: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> 
     precision, recall, _, support = skm.precision_recall_fscore_support(
         labels, predicted, labels=everyone, zero_division=0
     )
-    if len(classes) == 2:
-        roc_auc = skm.roc_auc_score(labels, probabilities[:, 1])
-    else:
-        roc_auc = skm.roc_auc_score(labels, probabilities, multi_class="ovr", labels=everyone)
     return {
         "accuracy": skm.accuracy_score(labels, predicted),
         "macro_f1": skm.f1_score(labels, predicted, average="macro", labels=everyone),
-        "roc_auc": roc_auc,
+        "roc_auc": roc_auc(labels, probabilities),
         "ece": expected_calibration_error(labels, probabilities),
         "precision": dict(zip(classes, precision.tolist(), strict=True)),
         "recall": dict(zip(classes, recall.tolist(), strict=True)),
         "support": dict(zip(classes, support.tolist(), strict=True)),
     }
+
+
+def roc_auc(labels: np.ndarray, probabilities: np.ndarray) -> float | None:
+    """ROC-AUC (one-vs-rest, macro, for several classes); None where it is undefined: a class
+    with no test image has no positives to rank."""
+    classes = probabilities.shape[1]
+    if len(np.unique(labels)) < classes:
+        return None
+    if classes == 2:
+        return float(skm.roc_auc_score(labels, probabilities[:, 1]))
+    return float(
+        skm.roc_auc_score(labels, probabilities, multi_class="ovr", labels=list(range(classes)))
+    )
 
 
 def confusion(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:

@@ -27,12 +27,14 @@ class ModelResult:
     costs: dict
     figures: list[str] = field(default_factory=list)  # file names under reports/figures
 
-    def headline(self) -> dict[str, float]:
+    def headline(self) -> dict[str, float | None]:
+        """The headline scores; None for one that is undefined on this test split."""
         return {key: self.scores[key] for _, key, _ in HEADLINE}
 
     def test_metrics(self) -> dict[str, float]:
         """What MLflow records of it: headline scores and costs, as `test_<name>`."""
-        return {f"test_{k}": v for k, v in (self.headline() | self.costs).items()}
+        values = self.headline() | self.costs
+        return {f"test_{k}": v for k, v in values.items() if v is not None}
 
 
 def per_class_rows(results: list[ModelResult]) -> list[dict]:
@@ -52,12 +54,15 @@ def _table(results: list[ModelResult]) -> list[str]:
     lines = ["| | " + " | ".join(f"{r.name} ({r.architecture})" for r in results) + " |"]
     lines.append("|---" * (len(results) + 1) + "|")
     for label, key, fmt in HEADLINE:
-        lines.append(
-            f"| {label} | " + " | ".join(fmt.format(r.scores[key]) for r in results) + " |"
-        )
+        cells = (_shown(fmt, r.scores[key]) for r in results)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for label, key, fmt in COSTS:
         lines.append(f"| {label} | " + " | ".join(fmt.format(r.costs[key]) for r in results) + " |")
     return lines
+
+
+def _shown(fmt: str, value: float | None) -> str:
+    return "n/a" if value is None else fmt.format(value)
 
 
 def _per_class(results: list[ModelResult]) -> list[str]:
@@ -80,7 +85,7 @@ def render(
     device: str,
 ) -> str:
     others = ", ".join(
-        f"{r.name} {r.scores[select_metric]:.4f}" for r in results if r is not chosen
+        f"{r.name} {_shown('{:.4f}', r.scores[select_metric])}" for r in results if r is not chosen
     )
     lines = [
         "# cnnpipe evaluation report",
@@ -89,8 +94,8 @@ def render(
         f"{device}, one image per call.",
         "",
         f"**Chosen model: {chosen.name} ({chosen.architecture})** — best test {select_metric} "
-        f"({chosen.scores[select_metric]:.4f}, against {others}); ties go to the model with "
-        "fewer parameters.",
+        f"({_shown('{:.4f}', chosen.scores[select_metric])}, against {others}); ties go to the "
+        "model with fewer parameters.",
         "",
         f"Registry: {registry_note}",
         "",

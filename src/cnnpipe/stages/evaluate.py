@@ -148,7 +148,7 @@ def choose(results: list[ModelResult], metric: str) -> ModelResult:
 
     def rank(result: ModelResult) -> tuple[float, float]:
         score = result.scores[metric]
-        return (score if np.isfinite(score) else -np.inf, -result.costs["parameters"])
+        return (-np.inf if score is None else score, -result.costs["parameters"])
 
     return max(results, key=rank)
 
@@ -158,6 +158,8 @@ def promote(chosen: Measured, test: TestSet, params: Params, producing_run: str 
     if producing_run is None:
         return "not registered: the MLflow run that trained the chosen model was not found."
     metric = params.evaluate.select_metric
+    if chosen.result.scores[metric] is None:
+        return f"not registered: test {metric} is undefined on this test split."
     candidate = registry.Candidate(
         run_id=producing_run,
         metric=metric,
