@@ -9,9 +9,12 @@ import re
 import time
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from shell import run
+
+pytestmark = pytest.mark.e2e
 
 EVALUATE_METRICS = "reports/evaluate/metrics.json"
 

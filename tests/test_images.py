@@ -206,6 +206,7 @@ def hostile_folder(root: Path) -> list[Path]:
     return fuzzed
 
 
+@pytest.mark.e2e
 def test_prepare_process_survives_a_hostile_folder(tmp_path):
     """`cnnpipe prepare` as a process under a strict UTF-8 stdout: no traceback; bad files,
     the broken link and the loop listed; hidden ones ignored; the linked class read."""

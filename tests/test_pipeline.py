@@ -6,12 +6,15 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
 from cnnpipe import store
 from conftest import BIN, TINY, repro_tiny, write_params
 from shell import run
+
+pytestmark = pytest.mark.e2e
 
 STAGES = ("prepare", "augment", "train", "transfer", "evaluate")
 RUNS = (*STAGES, "pipeline")  # record's run is the pipeline run

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from shell import commit, run
+
+pytestmark = pytest.mark.e2e
 
 OUTPUTS = ("models/scratch/weights.pt", "reports/evaluate/metrics.json", "reports/prepare.json")
 

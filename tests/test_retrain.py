@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
 from shell import run
+
+pytestmark = pytest.mark.e2e
 
 
 def test_retrain_pulls_runs_the_overrides_pushes_and_summarises(faces_repo, tmp_path):

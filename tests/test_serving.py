@@ -22,6 +22,8 @@ from conftest import BIN, REPO
 from shell import run
 from test_images import check_predict_answers_each_file
 
+pytestmark = pytest.mark.e2e
+
 MODEL = "cnnpipe-classifier"
 
 

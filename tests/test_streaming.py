@@ -114,6 +114,7 @@ def test_augment_in_chunks_writes_the_same_bytes_as_in_memory(tmp_path):
     np.testing.assert_array_equal(streamed_labels, np.tile(labels, 3))
 
 
+@pytest.mark.e2e
 def test_prepare_reads_a_folder_tracked_with_dvc_add(tmp_path, workdir):
     colour_folder(workdir / "data" / "raw", per_class=12)
     for command in (["init", "--no-scm", "-q"], ["config", "cache.type", "symlink"]):
@@ -276,6 +277,7 @@ def wait_for(condition, timeout_s: float) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+@pytest.mark.e2e
 def test_kill_9_leaves_no_worker_and_the_next_run_removes_the_staging_folder(tmp_path):
     """`cnnpipe prepare` killed while 2 workers decode a folder of large JPEGs: the workers
     and multiprocessing's resource tracker end within seconds; the next run removes the

@@ -19,6 +19,8 @@ from cnnpipe import cli, tracking
 from conftest import FACES, copy_repo, write_params
 from shell import BIN, environment, free_port, mlflow_server, run, stop
 
+pytestmark = pytest.mark.e2e
+
 STAGES = ("prepare", "augment", "train", "transfer", "evaluate", "pipeline")
 LOST_EPOCHS = 30  # long enough that the server is killed while they run
 

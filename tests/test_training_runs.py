@@ -18,6 +18,8 @@ from mlflow.tracking import MlflowClient
 from cnnpipe import engine, networks, store
 from conftest import TINY, write_params
 
+pytestmark = pytest.mark.e2e
+
 CNNPIPE = str(Path(sys.executable).parent / "cnnpipe")
 
 
