@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,3 +130,28 @@ def test_dvc_lock_matches_the_code_it_was_made_with():
         locked_code = {d["path"] for d in stage.get("deps", []) if d["path"].endswith(".py")}
         assert declared_code == locked_code, f"{name}: dvc.lock predates dvc.yaml's deps"
     assert not stale, f"dvc.lock is out of step with: {stale}; rerun uv run dvc repro"
+
+
+# Libraries a stage module must not import when it starts: each costs seconds, and each is
+# imported only on the path that uses it (timm: building a timm backbone; captum: drawing
+# Grad-CAM; albumentations: augment).
+NOT_AT_START = {
+    "prepare": {"torch", "torchvision", "timm", "captum", "albumentations", "cv2"},
+    "augment": {"torchvision", "timm", "captum", "sklearn"},
+    "train": {"torchvision", "timm", "captum", "albumentations", "cv2", "sklearn"},
+    "transfer": {"torchvision", "timm", "captum", "albumentations", "cv2", "sklearn"},
+    "evaluate": {"torchvision", "timm", "captum", "albumentations", "cv2"},
+    "record": {"torch", "torchvision", "timm", "captum", "albumentations", "cv2", "sklearn"},
+}
+
+
+@pytest.mark.parametrize("stage", list(layout.STAGES))
+def test_a_stage_imports_only_what_it_uses_when_it_starts(stage):
+    probe = (
+        f"import sys, cnnpipe.stages.{stage}; "
+        f"print(' '.join(sorted(m for m in {sorted(NOT_AT_START[stage])!r} if m in sys.modules)))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert found.stdout.split() == [], f"{stage} imports {found.stdout.strip()} at start"

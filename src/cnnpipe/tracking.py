@@ -25,16 +25,19 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 from filelock import FileLock
-from matplotlib.figure import Figure
 from mlflow.entities import Metric, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cnnpipe import layout
 from cnnpipe.errors import UserError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 STAGE_TAG = "cnnpipe.stage"
 FINGERPRINT_TAG = "cnnpipe.fingerprint"

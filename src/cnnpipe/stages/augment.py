@@ -6,10 +6,14 @@ chunks (single process: the policy's draws must come in one fixed order to be re
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
-import albumentations as A
+# No check for a newer albumentations over the network each time the stage starts.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A  # noqa: E402
 import cv2
 import numpy as np
 from tqdm import tqdm
