@@ -68,7 +68,12 @@ def run(recipe: Recipe, params: Params) -> None:
     upstream = tracking.find_runs(params.tracking.experiment, fingerprints)
     runtime = engine.start_runtime(settings.device)
     with tracking.stage_run(
-        stage, params.tracking.experiment, logged, model=settings.model, upstream=upstream
+        stage,
+        params.tracking.experiment,
+        logged,
+        model=settings.model,
+        upstream=upstream,
+        system_metrics=True,
     ) as mlrun:
         train, val, classes = fit_data()
         mlrun.log_splits(
@@ -127,4 +132,10 @@ def publish(trainer: Trainer, target: layout.TrainedModel, meta: store.ModelMeta
     plots.close(figure)
     examples = np.array(store.read_split(layout.PREPARED, "val").images[:4])
     mlrun.log_model(lambda: serving.log_model(target, examples))
+    mlrun.describe(
+        f"The **{target.name}** model: `{meta.architecture}`, {len(trainer.history)} epochs "
+        f"on {len(trainer.train)} training images; best val accuracy "
+        f"{best.val_accuracy:.4f} at epoch {best.epoch}. Written to `{target.folder}`, logged "
+        f"as `{serving.logged_name(target, meta)}`; evaluate adds its test results."
+    )
     print(f"best epoch {best.epoch}: val accuracy {best.val_accuracy:.4f}; wrote {target.folder}")

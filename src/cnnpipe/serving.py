@@ -133,6 +133,11 @@ def output_schema(classes: list[str]) -> Schema:
     )
 
 
+def logged_name(target: layout.TrainedModel, meta: store.ModelMeta) -> str:
+    """The MLflow model's name: which of the two models, and its architecture."""
+    return f"{target.name}-{meta.architecture}"
+
+
 def log_model(target: layout.TrainedModel, example_images: np.ndarray) -> None:
     """Log `target`'s model folder to the active run as an MLflow model named after it
     (`scratch-small_cnn`): loaded by this module, with an input example of PNG files."""
@@ -140,7 +145,7 @@ def log_model(target: layout.TrainedModel, example_images: np.ndarray) -> None:
     example = encoded(example_images)
     example["image"] = [base64.b64encode(data).decode() for data in example["image"]]
     mlflow.pyfunc.log_model(
-        name=f"{target.name}-{meta.architecture}",
+        name=logged_name(target, meta),
         loader_module=__name__,
         data_path=str(target.folder),
         # `image` cells are encoded files or pixel arrays: only MLflow's AnyType takes both

@@ -60,6 +60,7 @@ HTTP_RETRY_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
 QUIET = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+SYSTEM_METRICS_INTERVAL_S = 5
 
 
 def repo_root(start: Path | None = None) -> Path:
@@ -162,6 +163,8 @@ def _quiet_mlflow() -> None:
         os.environ.setdefault(name, value)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # a lost server is reported once, by StageRun; the sampling thread would warn again
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
 
 
 def client(experiment: str | None = None) -> MlflowClient:
@@ -228,11 +231,17 @@ class StageRun:
         self.not_sent: list[str] = []
 
     def start(
-        self, experiment: str, run_name: str, tags: dict[str, str], params: dict[str, object]
+        self,
+        experiment: str,
+        run_name: str,
+        tags: dict[str, str],
+        params: dict[str, object],
+        system_metrics: bool = False,
     ) -> None:
         def start_run() -> None:
             mlflow.set_experiment(experiment)
-            self.run_id = mlflow.start_run(run_name=run_name, tags=tags).info.run_id
+            run = mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=system_metrics)
+            self.run_id = run.info.run_id
 
         self._send("the run itself", start_run)
         self._send("params", lambda: mlflow.log_params(params))
@@ -426,9 +435,11 @@ def stage_run(
     upstream: dict[str, str | None] | None = None,
     log_images: bool = True,
     run_name: str | None = None,
+    system_metrics: bool = False,
 ) -> Iterator[StageRun]:
-    """Start the MLflow run of a stage, named `<stage>-<model>` (or `run_name`); a failing
-    stage leaves its run marked FAILED."""
+    """Start the MLflow run of a stage, named `<stage>-<model>` (or `run_name`), with CPU,
+    memory (and GPU) use sampled every few seconds when `system_metrics`; a failing stage
+    leaves its run marked FAILED."""
     if os.environ.get("RANK", "0") != "0":
         yield _OtherRank()
         return
@@ -440,7 +451,11 @@ def stage_run(
     for upstream_stage, run_id in (upstream or {}).items():
         tags[UPSTREAM_TAG.format(stage=upstream_stage)] = run_id or "not found"
     run = StageRun(tracking_uri(), log_images)
-    run.start(experiment, run_name or (f"{stage}-{model}" if model else stage), tags, params)
+    if system_metrics:
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
+        mlflow.set_system_metrics_samples_before_logging(1)
+    name = run_name or (f"{stage}-{model}" if model else stage)
+    run.start(experiment, name, tags, params, system_metrics)
     status = "FINISHED"
     try:
         yield run

@@ -107,6 +107,10 @@ def run(params: Params) -> None:
             }
         )
         mlrun.log_dict(A.to_dict(policy), "policy.json")
+        mlrun.describe(
+            f"The train split ({len(images)} images) and {augment.copies} albumentations "
+            f"cop{'y' if augment.copies == 1 else 'ies'} of each; the policy is `policy.json`."
+        )
         if extra:
             shown = np.asarray(images[:PREVIEW_IMAGES])
             augmented = store.read_split(AUGMENTED, "train").images

@@ -215,6 +215,7 @@ def publish(
     )
     store.write_text_atomic(layout.REPORT, text)
     mlrun.set_fingerprint(store.fingerprint(*layout.EVALUATED))
+    mlrun.describe(report.summary(results, chosen.result, note).replace("\n", "  \n"))
 
     mlrun.log_metrics({f"{r.name}.{k}": v for r in results for k, v in r.test_metrics().items()})
     mlrun.log_table(report.per_class_rows(results), "per_class.json")

@@ -350,6 +350,13 @@ def run(params: Params) -> None:
             "images_per_class.json",
         )
         mlrun.log_dict(report, "prepare_report.json")
+        mlrun.describe(
+            f"`{data.source}` as {data.image_size}x{data.image_size} RGB: {images} images of "
+            f"{len(stream.classes)} classes, split "
+            + " / ".join(f"{len(labels[s])} {s}" for s in store.SPLITS)
+            + f"; {len(bad_images)} files skipped, {duplicates['groups']} groups of identical "
+            "images. Details in `prepare_report.json`."
+        )
         train = written["train"]
         figure = plots.samples_per_class(train.images, train.labels, stream.classes)
         mlrun.log_data_figure(figure, "samples.png")
