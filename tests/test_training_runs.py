@@ -16,7 +16,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from cnnpipe import engine, networks, store
-from conftest import TINY, write_params
+from conftest import FACES, write_params
 
 pytestmark = pytest.mark.e2e
 
@@ -25,9 +25,9 @@ CNNPIPE = str(Path(sys.executable).parent / "cnnpipe")
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
-    """A folder with prepared and augmented tiny digits, ready for `cnnpipe train`."""
+    """A folder with the prepared and augmented faces, ready for `cnnpipe train`."""
     folder = tmp_path_factory.mktemp("prepared")
-    write_params(folder, TINY)
+    write_params(folder, FACES)
     for stage in ("prepare", "augment"):
         subprocess.run(
             [CNNPIPE, stage], cwd=folder, env=_env(folder), check=True, capture_output=True
@@ -41,7 +41,7 @@ def _env(folder: Path) -> dict[str, str]:
 
 def _copy(prepared: Path, target: Path, train: dict) -> Path:
     shutil.copytree(prepared, target)
-    write_params(target, TINY | {f"train.{key}": value for key, value in train.items()})
+    write_params(target, FACES | {f"train.{key}": value for key, value in train.items()})
     return target
 
 
@@ -53,7 +53,7 @@ def _checkpointed_epochs(path: Path) -> int:
 
 
 def test_killed_training_resumes_to_the_same_weights(prepared, tmp_path):
-    long_run = {"model": "small_cnn", "epochs": 6}
+    long_run = {"model": "small_cnn", "epochs": 16}
     straight = _copy(prepared, tmp_path / "straight", long_run)
     subprocess.run(
         [CNNPIPE, "train"], cwd=straight, env=_env(straight), check=True, capture_output=True
@@ -73,14 +73,14 @@ def test_killed_training_resumes_to_the_same_weights(prepared, tmp_path):
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
-    assert 2 <= _checkpointed_epochs(checkpoint) < 6
+    assert 2 <= _checkpointed_epochs(checkpoint) < 16
     assert not (killed / "models" / "scratch").exists()
 
     resumed = subprocess.run(
         [CNNPIPE, "train"], cwd=killed, env=_env(killed), capture_output=True, text=True, check=True
     )
     assert "resuming after epoch" in resumed.stderr
-    assert "epoch 1/6" not in resumed.stderr
+    assert "epoch 1/16" not in resumed.stderr
     weights = [store.read_weights(d / "models" / "scratch") for d in (straight, killed)]
     for name, tensor in weights[0].items():
         assert torch.equal(tensor, weights[1][name]), name
@@ -91,7 +91,7 @@ def test_checkpoint_from_other_params_is_not_resumed(prepared, tmp_path):
     subprocess.run(
         [CNNPIPE, "train"], cwd=folder, env=_env(folder), check=True, capture_output=True
     )
-    write_params(folder, TINY | {"train.epochs": 1, "train.lr": 0.01})
+    write_params(folder, FACES | {"train.epochs": 1, "train.lr": 0.01})
     rerun = subprocess.run(
         [CNNPIPE, "train"], cwd=folder, env=_env(folder), capture_output=True, text=True, check=True
     )
@@ -100,12 +100,12 @@ def test_checkpoint_from_other_params_is_not_resumed(prepared, tmp_path):
 
 
 def test_two_cpu_processes_train_one_model_and_log_once(prepared, tmp_path):
-    folder = _copy(prepared, tmp_path / "ddp", {"model": "small_cnn", "epochs": 2, "nproc": 2})
+    folder = _copy(prepared, tmp_path / "ddp", {"model": "small_cnn", "epochs": 6, "nproc": 2})
     result = subprocess.run(
         [CNNPIPE, "train"], cwd=folder, env=_env(folder), capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stderr.count("epoch 2/2") == 1  # only rank 0 reports
+    assert result.stderr.count("epoch 6/6") == 1  # only rank 0 reports
 
     model, meta = networks.load_trained(folder / "models" / "scratch")
     test = store.read_split(folder / "data" / "prepared", "test")
@@ -121,5 +121,5 @@ def test_two_cpu_processes_train_one_model_and_log_once(prepared, tmp_path):
     assert len(train_runs) == 1
     assert train_runs[0].data.params["nproc"] == "2"
     history = client.get_metric_history(train_runs[0].info.run_id, "val_accuracy")
-    assert [m.step for m in history] == [1, 2]
+    assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
     assert np.isfinite(train_runs[0].data.metrics["best_val_accuracy"])
