@@ -63,7 +63,8 @@ def test_two_queued_experiments_run_in_parallel_and_both_land_in_mlflow(faces_re
     shown = experiments(json.loads(run(["dvc", "exp", "show", "--json"], faces_repo).stdout))
     assert len(shown) == 2, shown.keys()
     for data in shown.values():
-        assert 0 <= data["metrics"][EVALUATE_METRICS]["data"]["scratch"]["accuracy"] <= 1
+        accuracy = data["metrics"][EVALUATE_METRICS]["data"]["accuracy"]
+        assert set(accuracy) == {"scratch", "transfer"} and 0 <= accuracy["scratch"] <= 1
 
     client = MlflowClient(f"sqlite:///{faces_repo / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("cnnpipe").experiment_id])

@@ -31,7 +31,7 @@ def test_retrain_pulls_runs_the_overrides_pushes_and_summarises(faces_repo, tmp_
     text = summary.read_text()
     lr_row = next(line for line in text.splitlines() if "| train.lr " in line)
     assert [cell.strip() for cell in lr_row.split("|")[3:5]] == ["0.003", "0.01"], text
-    assert "reports/evaluate/metrics.json" in text and "scratch.accuracy" in text, text
+    assert "reports/evaluate/metrics.json" in text and "accuracy.scratch" in text, text
 
     # The outputs are in the remote; the remote's address stays out of the committed config.
     cloud = run(["dvc", "status", "--cloud"], faces_repo)

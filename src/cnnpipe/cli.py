@@ -1,10 +1,12 @@
 """`cnnpipe <stage>` runs one pipeline stage with ./params.yaml; `cnnpipe predict` classifies
-image files with the registered champion or a local model folder; `cnnpipe retrain` pulls,
-runs the pipeline with overrides, pushes and summarises (see retrain.py)."""
+image files with the registered champion or a local model folder; `cnnpipe ui` opens MLflow's
+UI on the pipeline's runs; `cnnpipe preset` prints a preset's overrides; `cnnpipe retrain`
+pulls, runs the pipeline with overrides, pushes and summarises (see retrain.py)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import subprocess
@@ -58,6 +60,25 @@ def predict(paths: list[Path], model_dir: Path | None) -> int:
     return 1 if any(answer.startswith("error:") for _, answer in answers) else 0
 
 
+def ui(port: int) -> int:
+    """MLflow's UI on this repository's store, with the address that opens the experiment on
+    its training runs (a tracking server already has its own UI: its address is printed)."""
+    from cnnpipe import tracking
+
+    experiment = load_params().tracking.experiment
+    found = tracking.client(experiment).get_experiment_by_name(experiment)
+    uri = tracking.tracking_uri()
+    page = tracking.run_link(found.experiment_id)
+    if tracking.is_server(uri):
+        print(f"MLflow UI: {uri.rstrip('/')}/{page}")
+        return 0
+    print(f"MLflow UI: http://127.0.0.1:{port}/{page}   (Ctrl-C stops it)", flush=True)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--workers", "1"]
+    with contextlib.suppress(KeyboardInterrupt):
+        return subprocess.run([*command, "--port", str(port)], check=False).returncode
+    return 0
+
+
 def yaml_scalar(value: object) -> str:
     """A params value as `dvc exp run -S` reads it (YAML): true/false, numbers, plain text."""
     return str(value).lower() if isinstance(value, bool) else str(value)
@@ -76,6 +97,8 @@ def parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "retrain", add_help=False, help="pull, run with overrides, push, summarise (retrain -h)"
     )
+    showing = commands.add_parser("ui", help="MLflow's UI on this repository's runs")
+    showing.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")
     presetting = commands.add_parser(
         "preset", help="print a preset's overrides as dvc exp run options (-S key=value ...)"
     )
@@ -93,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "predict":
             return predict(args.paths, args.model)
+        if args.command == "ui":
+            return ui(args.port)
         if args.command == "preset":
             overrides = preset(args.name)
             print(" ".join(f"-S {key}={yaml_scalar(value)}" for key, value in overrides.items()))

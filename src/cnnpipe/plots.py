@@ -9,6 +9,7 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 from matplotlib import pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _mosaic(cells: list[np.ndarray | None], cols: int, gap: int = 2) -> np.ndarray:
@@ -96,6 +97,8 @@ def learning_curves(history: list[dict], title: str) -> Figure:
         )
     loss_ax.set(title=f"loss: {title}", xlabel="epoch", ylabel="loss")
     accuracy_ax.set(title=f"accuracy: {title}", xlabel="epoch", ylabel="accuracy")
+    for ax in (loss_ax, accuracy_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     loss_ax.legend()
     figure.tight_layout()
     return figure

@@ -37,6 +37,12 @@ class ModelResult:
         return {f"test_{k}": v for k, v in values.items() if v is not None}
 
 
+def metrics_file(results: list[ModelResult]) -> dict[str, dict[str, float | None]]:
+    """`reports/evaluate/metrics.json`: each headline score for both models, score first, so
+    `dvc exp show` puts `accuracy.scratch` and `accuracy.transfer` in its first columns."""
+    return {key: {r.name: r.headline()[key] for r in results} for _, key, _ in HEADLINE}
+
+
 def per_class_rows(results: list[ModelResult]) -> list[dict]:
     """One row per class: its test support, and each model's precision and recall."""
     return [

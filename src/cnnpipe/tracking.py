@@ -14,9 +14,11 @@ could not be sent is named in a warning, and the stage's own metrics and plots f
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -60,6 +62,7 @@ HTTP_RETRY_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
 QUIET = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+UI_PORT = 5000
 SYSTEM_METRICS_INTERVAL_S = 5
 
 
@@ -181,6 +184,38 @@ def client(experiment: str | None = None) -> MlflowClient:
                 tags=EXPERIMENT_KIND | {"mlflow.note.content": EXPERIMENT_NOTE},
             )
     return store
+
+
+def ui_address() -> str:
+    """Where the MLflow UI of this store runs: the tracking server itself, or for a local
+    store the address `cnnpipe ui` (and `mlflow ui`) serve by default."""
+    uri = tracking_uri()
+    return uri.rstrip("/") if is_server(uri) else f"http://127.0.0.1:{UI_PORT}"
+
+
+def run_link(experiment_id: str, run_id: str | None = None) -> str:
+    """The UI's page of a run (or of the experiment's runs), opened in its Model training view
+    (MLflow 3.17 opens experiments in its GenAI view otherwise)."""
+    page = f"#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    return f"{page}?workflowType=machine_learning"
+
+
+def _html_with_pictures(markdown: str, folder: Path) -> str:
+    """The Markdown report as one HTML page, its pictures inlined as data URIs."""
+    from markdown_it import MarkdownIt
+
+    def inline(match: re.Match) -> str:
+        picture = base64.b64encode((folder / match.group(1)).read_bytes()).decode()
+        return f'src="data:image/png;base64,{picture}"'
+
+    body = MarkdownIt("commonmark").enable("table").render(markdown)
+    body = re.sub(r'src="(figures/[^"]+\.png)"', inline, body)
+    return (
+        '<!doctype html><html><head><meta charset="utf-8"><style>'
+        "body{font-family:sans-serif} table{border-collapse:collapse}"
+        " th,td{padding:2px 10px;border-bottom:1px solid #ddd;text-align:left}</style></head>"
+        f"<body>{body}</body></html>"
+    )
 
 
 def git_tags() -> dict[str, str]:
@@ -309,11 +344,19 @@ class StageRun:
             self.log_figure(figure, artifact_file)
 
     def log_report(self, report: Path, figures: Path) -> None:
-        """A Markdown report at the artifact root with its pictures beside it (`figures/`), so
-        its relative image links resolve in MLflow's artifact viewer."""
+        """The report with its pictures, as MLflow's UI can show them: `figures/` beside
+        `report.md`, whose `figures/...` links point at the UI's own artifact address (MLflow
+        3.17's Markdown viewer shows only images with absolute http(s) addresses), and
+        `report.html`, the same report with the pictures inlined, which shows them wherever
+        the UI runs."""
 
         def send() -> None:
-            mlflow.log_artifact(str(report))
+            text = report.read_text()
+            base = f"{ui_address()}/get-artifact?run_uuid={self.run_id}&path="
+            mlflow.log_text(re.sub(r"\]\((figures/[^)]+)\)", rf"]({base}\1)", text), report.name)
+            mlflow.log_text(
+                _html_with_pictures(text, report.parent), report.with_suffix(".html").name
+            )
             mlflow.log_artifacts(str(figures), figures.name)
 
         self._send(report.name, send)
@@ -520,15 +563,13 @@ def pipeline_note(experiment: str, stage_runs: dict[str, str | None], scores: di
     """The pipeline run's description: its test scores and a link to each stage run."""
     experiment_id = client().get_experiment_by_name(experiment).experiment_id
     links = " · ".join(
-        f"[{stage}](#/experiments/{experiment_id}/runs/{run_id})"
-        if run_id
-        else f"{stage}: not found"
+        f"[{stage}]({run_link(experiment_id, run_id)})" if run_id else f"{stage}: not found"
         for stage, run_id in stage_runs.items()
     )
     accuracies = ", ".join(
-        f"{name.removesuffix('.accuracy')} {value:.4f}"
+        f"{name.removeprefix('accuracy.')} {value:.4f}"
         for name, value in scores.items()
-        if name.endswith(".accuracy")
+        if name.startswith("accuracy.")
     )
     return (
         f"Pipeline execution `{execution_name()}`: test accuracy {accuracies}.\n\n"

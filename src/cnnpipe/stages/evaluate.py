@@ -197,9 +197,7 @@ def publish(
             for file_name, figure in (m.figures | m.data_figures).items():
                 plots.save(figure, figures_dir / file_name)
                 m.result.figures.append(file_name)
-    store.write_json_atomic(
-        layout.EVALUATION / "metrics.json", {r.name: r.headline() for r in results}
-    )
+    store.write_json_atomic(layout.EVALUATION / "metrics.json", report.metrics_file(results))
     store.write_csv(layout.EVALUATION / "per_class.csv", report.per_class_rows(results))
     for m in measured:
         predicted = m.probabilities.argmax(1)

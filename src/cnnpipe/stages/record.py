@@ -2,7 +2,7 @@
 
 Named after the DVC experiment (`dvc exp run`) or `workspace` (`dvc repro`), it holds every
 param under the names `dvc exp show` uses (`train.lr`), both models' test scores and best val
-scores (`scratch.accuracy`, `scratch.best_val_accuracy`), and links to the stage runs that
+scores (`accuracy.scratch`, `scratch.best_val_accuracy`), and links to the stage runs that
 produced them, found through the evaluation's fingerprint, whether those stages ran now or
 DVC skipped them or restored them from its cache.
 """
