@@ -48,7 +48,7 @@ def test_ranks_get_disjoint_equal_shards_of_one_permutation():
 
 def _fit(data, epochs, checkpoint, until=None):
     train, val = data
-    engine.make_deterministic(0, True)
+    engine.make_deterministic(0, True, torch.device("cpu"))
     model = networks.build("small_cnn", num_classes=10, image_size=12)
     trainer = engine.Trainer(model, train, val, NORM, CPU, 64, 0, epochs, checkpoint)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -82,7 +82,7 @@ def test_a_checkpoint_for_other_params_is_set_aside(tmp_path, capsys):
 
 def test_trainer_learns_digits_and_keeps_the_best_epoch():
     train, val = _digits_splits()
-    engine.make_deterministic(0, True)
+    engine.make_deterministic(0, True, torch.device("cpu"))
     model = networks.build("seed_cnn", num_classes=10, image_size=12)
     epochs_seen = []
     trainer = engine.Trainer(

@@ -106,12 +106,16 @@ def stop_runtime(runtime: Runtime) -> None:
         dist.destroy_process_group()
 
 
-def make_deterministic(seed: int, deterministic: bool) -> None:
-    """Seed Python, NumPy and torch; with `deterministic`, also forbid nondeterministic
-    kernels (on CUDA this needs CUBLAS_WORKSPACE_CONFIG and no cuDNN autotuning)."""
+def make_deterministic(seed: int, deterministic: bool, device: torch.device) -> None:
+    """Seed Python, NumPy and torch; with `deterministic` on CUDA, also forbid nondeterministic
+    kernels (with CUBLAS_WORKSPACE_CONFIG and no cuDNN autotuning). The CPU kernels these
+    models use are deterministic already, and the switch would import torch's compiler
+    (~1.5 s at every stage start)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    if device.type != "cuda":
+        return
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False

@@ -79,7 +79,7 @@ def run(recipe: Recipe, params: Params) -> None:
         mlrun.log_splits(
             {"train": train, "val": val}, classes, fingerprints["prepare"], params.data.source
         )
-        engine.make_deterministic(params.seed, settings.deterministic)
+        engine.make_deterministic(params.seed, settings.deterministic, runtime.device)
         model = recipe.build(len(classes))
         mean, std = networks.normalisation(settings.model)
         trainer = Trainer(
