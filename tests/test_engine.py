@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from cnnpipe import engine, networks
+from cnnpipe import engine, fit, layout, networks
+from cnnpipe.params import load_params
 from cnnpipe.sources import load_source
 from cnnpipe.store import Split
+from conftest import REPO
 
 NORM = engine.Normalisation((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 CPU = engine.Runtime(torch.device("cpu"))
@@ -134,3 +136,26 @@ def test_freed_activation_buffers_are_reused_without_page_faults():
 
     kept, default = faults("keep"), faults("default")
     assert kept * 10 < default, (kept, default)
+
+
+def test_the_checkpoint_key_follows_every_param_the_stage_reads_and_its_data():
+    params = load_params(REPO / "params.yaml")
+    recipe = fit.Recipe(layout.SCRATCH, params.train, build=None, phases=[])
+    inputs = {"prepare": "p1", "augment": "a1"}
+
+    def key(changed_params, fingerprints=inputs) -> str:
+        logged = layout.stage_params("train", changed_params)
+        return fit.checkpoint(recipe, logged, fingerprints).key
+
+    same = key(params)
+    assert key(params) == same
+    for section, field, value in (("train", "lr", 0.01), ("data", "image_size", 24)):
+        changed = params.model_copy(
+            update={section: getattr(params, section).model_copy(update={field: value})}
+        )
+        assert key(changed) != same, field
+    assert key(params, inputs | {"augment": "a2"}) != same
+    evaluate_only = params.model_copy(
+        update={"evaluate": params.evaluate.model_copy(update={"batch_size": 7})}
+    )
+    assert key(evaluate_only) == same  # train does not read it

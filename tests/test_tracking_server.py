@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from cnnpipe import cli, tracking
 from conftest import FACES, copy_repo, write_params
 from shell import BIN, environment, free_port, mlflow_server, run, stop
+from test_pipeline import lock_md5s
 
 pytestmark = pytest.mark.e2e
 
@@ -62,6 +63,18 @@ def test_the_pipeline_logs_its_runs_and_artifacts_to_the_server(server, tracked_
     )
     assert Path(local).read_text() == (tracked_repo / "models/scratch/meta.json").read_text()
     assert any((folder / "artifacts").rglob("learning_curves.png"))
+
+
+def test_the_same_params_write_the_same_bytes_whatever_the_store(faces_baseline, tracked_repo):
+    """Two clean tiny runs, one on SQLite (the committed baseline), one on a server: byte-identical
+    outputs for every stage but evaluate (which measures latency), and identical scores."""
+    first, second = lock_md5s(faces_baseline), lock_md5s(tracked_repo)
+    for stage in ("prepare", "augment", "train", "transfer"):
+        assert first[stage] == second[stage], stage
+    for report in ("train/metrics.json", "transfer/metrics.json", "evaluate/metrics.json"):
+        assert (faces_baseline / "reports" / report).read_text() == (
+            tracked_repo / "reports" / report
+        ).read_text()
 
 
 def test_an_unreachable_server_stops_a_stage_in_one_line(tracked_repo):

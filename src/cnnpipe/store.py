@@ -247,7 +247,7 @@ def read_weights(folder: Path) -> dict:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{path} not found: {folder} is not a model folder") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{path} was refused: not a plain state dict ({reason[:200]})") from None
     if not isinstance(state_dict, dict):
