@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -104,6 +105,16 @@ def test_served_champion_answers_http_requests(repo_store):
             headers={"Content-Type": "application/json"},
         )
         answer = json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
+        not_an_image = base64.b64encode(b"hello, this is text").decode()
+        bad = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[not_an_image]]}})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=bad.encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        error = json.loads(refused.value.read())
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -111,6 +122,9 @@ def test_served_champion_answers_http_requests(repo_store):
     expected = [classes[labels[i]] for i in shown for _ in range(2)]
     assert np.mean([p == e for p, e in zip(predicted, expected, strict=True)]) >= 0.8
     assert all(0 <= row["probability"] <= 1 for row in answer)
+    assert refused.value.code == 400 and error["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert "cannot read an image: image 0:" in error["message"], error
+    assert "stack_trace" not in error and "Traceback" not in json.dumps(error)
 
 
 def test_predict_answers_each_file_and_reports_unreadable_ones(repo_store, tmp_path):
