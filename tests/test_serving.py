@@ -121,7 +121,12 @@ def test_served_champion_answers_http_requests(repo_store):
     predicted = [row["class"] for row in answer]
     expected = [classes[labels[i]] for i in shown for _ in range(2)]
     assert np.mean([p == e for p, e in zip(predicted, expected, strict=True)]) >= 0.8
-    assert all(0 <= row["probability"] <= 1 for row in answer)
+    for row in answer:  # the class and its probability are the most likely of the columns
+        scores = {name: row[name] for name in classes}
+        assert row["class"] == max(scores, key=scores.get)
+        assert row["probability"] == scores[row["class"]] and sum(scores.values()) == pytest.approx(
+            1
+        )
     assert refused.value.code == 400 and error["error_code"] == "INVALID_PARAMETER_VALUE"
     assert "cannot read an image: image 0:" in error["message"], error
     assert "stack_trace" not in error and "Traceback" not in json.dumps(error)
