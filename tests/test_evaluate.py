@@ -62,5 +62,5 @@ def test_a_score_undefined_on_the_test_split_is_none_and_never_wins():
     defined = ModelResult("b", "b", scores | {"roc_auc": 0.1}, {"parameters": 99})
     assert choose([undefined, defined], "roc_auc").name == "b"
     assert "roc_auc" in undefined.headline() and "test_roc_auc" not in undefined.test_metrics()
-    text = report.render([undefined], undefined, "roc_auc", "note", 4, "hash", "cpu")
+    text = report.render([undefined], undefined, "roc_auc", "note", "Test split: 4.", "cpu")
     assert "| ROC-AUC | n/a |" in text and "nan" not in text.lower()

@@ -103,7 +103,12 @@ STAGES = {
         Stage(
             "evaluate",
             params=("data.source", "evaluate", "tracking.registered_model", "tracking.log_images"),
-            deps=(PREPARED, *(m.folder for m in TRAINED), *(m.history for m in TRAINED)),
+            deps=(
+                PREPARED,
+                PREPARE_REPORT,
+                *(m.folder for m in TRAINED),
+                *(m.history for m in TRAINED),
+            ),
             committed=(
                 EVALUATION / "metrics.json",
                 EVALUATION / "per_class.csv",

@@ -81,13 +81,23 @@ def _per_class(results: list[ModelResult]) -> list[str]:
     return lines
 
 
+def data_line(prepared: dict, test_images: int, data_hash: str) -> str:
+    """What the models were measured on, from prepare's report (`reports/prepare.json`)."""
+    duplicates = prepared["duplicates"]
+    return (
+        f"Test split: {test_images} images, data hash `{data_hash[:12]}`. Prepare skipped "
+        f"{len(prepared['bad_images'])} unreadable files and found {duplicates['groups']} groups "
+        f"of identical images ({duplicates['cross_label_groups']} with different labels, "
+        f"{duplicates['groups_across_splits']} across splits)."
+    )
+
+
 def render(
     results: list[ModelResult],
     chosen: ModelResult,
     select_metric: str,
     registry_note: str,
-    test_images: int,
-    data_hash: str,
+    data: str,
     device: str,
 ) -> str:
     others = ", ".join(
@@ -96,8 +106,7 @@ def render(
     lines = [
         "# cnnpipe evaluation report",
         "",
-        f"Test split: {test_images} images, data hash `{data_hash[:12]}`; latency measured on "
-        f"{device}, one image per call.",
+        f"{data} Latency measured on {device}, one image per call.",
         "",
         f"**Chosen model: {chosen.name} ({chosen.architecture})** — best test {select_metric} "
         f"({_shown('{:.4f}', chosen.scores[select_metric])}, against {others}); ties go to the "

@@ -171,7 +171,7 @@ def promote(chosen: Measured, test: TestSet, params: Params, producing_run: str 
     )
 
     def score_champion(version) -> float | None:
-        classifier = serving.load(registry.champion_uri(params.tracking.registered_model))
+        classifier = serving.load(f"models:/{params.tracking.registered_model}/{version.version}")
         if classifier.meta.classes != test.classes:
             return None
         return test.score(classifier.probabilities(test.images))[metric]
@@ -209,7 +209,12 @@ def publish(
             ],
         )
     text = report.render(
-        results, chosen.result, metric, note, len(test.labels), test.data_hash, device
+        results,
+        chosen.result,
+        metric,
+        note,
+        report.data_line(store.read_json(layout.PREPARE_REPORT), len(test.labels), test.data_hash),
+        device,
     )
     store.write_text_atomic(layout.REPORT, text)
     mlrun.set_fingerprint(store.fingerprint(*layout.EVALUATED))
