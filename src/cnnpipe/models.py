@@ -37,10 +37,12 @@ def predicted_classes(logits: torch.Tensor) -> torch.Tensor:
     return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(dim=1)
 
 
-def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     if logits.shape[1] == 1:
-        return F.binary_cross_entropy_with_logits(logits[:, 0].float(), labels.float())
-    return F.cross_entropy(logits.float(), labels)
+        return F.binary_cross_entropy_with_logits(
+            logits[:, 0].float(), labels.float(), reduction=reduction
+        )
+    return F.cross_entropy(logits.float(), labels, reduction=reduction)
 
 
 class FlattenHWC(nn.Module):
