@@ -60,6 +60,23 @@ class AugmentParams(Section):
     brightness_contrast_p: float = Field(ge=0, le=1)
 
 
+class PrivacyParams(Section):
+    """A stage's differentially private fit (`privacy.py`). Off while `epsilon` is null; on,
+    the stage trains with these epochs, batch size and learning rate instead of its own, as
+    DP-SGD wants far larger batches and more epochs than ordinary training."""
+
+    epsilon: float | None = Field(gt=0)  # the privacy budget for the whole fit; null: off
+    delta: float | None = Field(gt=0, lt=1)  # null: 1 / (10 x training images)
+    max_grad_norm: float = Field(gt=0)  # each image's gradient is clipped to this L2 norm
+    epochs: int = Field(ge=1, le=1000)
+    batch_size: int = Field(ge=1, le=65536)  # expected images per step (Poisson sampling)
+    lr: float = Field(gt=0, le=100)
+
+    @property
+    def enabled(self) -> bool:
+        return self.epsilon is not None
+
+
 class TrainingParams(Section):
     """What every training stage has: the model from the table, the loop and where it runs."""
 
