@@ -1,4 +1,4 @@
-"""Differentially private training (DP-SGD) with Opacus, for a loop that draws its own batches.
+"""Differentially private training (DP-SGD) with Opacus, for loops that draw their own batches.
 
 The engine slices uint8 arrays with index batches instead of iterating a DataLoader, so there is
 nothing for Opacus's `PrivacyEngine.make_private` to wrap. `make_private` puts together the
@@ -6,22 +6,30 @@ same four pieces: per-image gradients (`GradSampleModule`), clipping and Gaussia
 (`DPOptimizer`), Poisson sampling (`UniformWithReplacementSampler`, whose batches here are index
 arrays) and the accountant that turns noise, sampling rate and steps into the ε spent.
 
-Reproducible, not secure: the batches and the noise come from the run's seeded generator, so
-two runs with the same seed write the same weights. The guarantee therefore holds only against
-someone who does not know the seed: whoever has it can redraw the batches and the noise. A
-release should use a seed kept secret. Opacus's secure mode (not used) draws both from
-/dev/urandom through torchcsprng, sums several Gaussian draws per noise value against
-floating-point attacks, and makes every run different.
+The model table (`models.ModelSpec.private`) says which of two recipes a model follows:
+- whole: every weight of a scratch network learns, in `engine.Trainer` (`Trainer.run(...,
+  private=make_private(...))`), on the un-augmented train split: an augmented copy of an image
+  is the same person's data, and counted as another record it would weaken the guarantee;
+- head: a new linear head learns on the frozen ImageNet backbone's features (`fit_head`), each
+  image's gradient averaged over its augmented copies before it is clipped.
+
+Reproducible, not secure: the batches and the noise come from generators seeded by the
+pipeline's `seed`, so two runs with the same seed write the same weights. The guarantee
+therefore holds only against someone who does not know the seed, and the seed is in
+params.yaml, git and MLflow: whoever has it can redraw the batches and the noise. Opacus's
+secure mode (not used) draws both from a cryptographic generator (torchcsprng), sums four
+Gaussian draws per noise value against floating-point attacks, and makes every run different.
 """
 
 from __future__ import annotations
 
+import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from opacus import GradSampleModule
 from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -35,6 +43,12 @@ from cnnpipe.errors import UserError
 from cnnpipe.networks import TransferNet
 from cnnpipe.params import PrivacyParams
 
+# Opacus's hooks on a network's first layer, whose input needs no gradient, make PyTorch warn at
+# every backward pass; harmless: the per-image gradients are those of the weights.
+warnings.filterwarnings(
+    "ignore", message="Full backward hook is firing when gradients are computed"
+)
+
 # Rényi DP, the accountant of the DP-SGD papers. Opacus's default, PRV, needs about 6 % less
 # noise for ε = 8 here, but takes seconds to minutes to calibrate at large ε and fails outright
 # at some ("Discrete mean differs significantly from continuous mean" at ε = 10^4).
@@ -47,28 +61,31 @@ def default_delta(train_size: int) -> float:
     return 1 / (10 * train_size)
 
 
-def dp_compatible(model: nn.Module) -> nn.Module:
-    """`model` with batch norm replaced by group norm (Opacus's `ModuleValidator.fix`), which
-    changes the architecture: a saved private model is rebuilt by applying this again.
-
-    Batch norm mixes the images of a batch, so an image's gradient is not its own. In-place
-    activations are switched off because Opacus's backward hooks cannot see through them; that
-    changes no weight."""
-    fixed = ModuleValidator.fix(model)
-    for module in fixed.modules():
-        if getattr(module, "inplace", False):
-            module.inplace = False
-    _require_compatible(fixed)
-    return fixed
+def delta_for(privacy: PrivacyParams, train_size: int) -> float:
+    """The δ of a fit on `train_size` images: `privacy.delta`, or `default_delta`. A δ not below
+    1 / `train_size` is a one-line `UserError`."""
+    delta = privacy.delta if privacy.delta is not None else default_delta(train_size)
+    if delta >= 1 / train_size:
+        raise UserError(
+            f"privacy.delta = {delta:g} is not below 1 / {train_size} training images: lower "
+            f"it (or set it to null for {default_delta(train_size):.2g})"
+        )
+    return delta
 
 
-def _require_compatible(model: nn.Module) -> None:
-    """Stop with one line if Opacus cannot compute per-image gradients for `model` (e.g. a
-    layer with buffers it cannot fix, like timm's BatchNormAct2d)."""
+def require_compatible(model: nn.Module) -> None:
+    """Stop with one line if Opacus cannot compute per-image gradients for `model`, e.g. batch
+    norm (it mixes the images of a batch, so an image's gradient is not its own)."""
     errors = [*ModuleValidator.validate(model.train()), *GradSampleModule.validate(model)]
     if errors:
         reason = " ".join(str(errors[0]).split())
-        raise UserError(f"{type(model).__name__} cannot be trained privately: {reason}")
+        raise UserError(f"{type(model).__name__} cannot be trained privately: {reason[:300]}")
+
+
+def seeded_generators(seed: int) -> tuple[torch.Generator, torch.Generator]:
+    """Two independent CPU generators derived from `seed`: one draws the batches, one the noise."""
+    batches, noise = np.random.SeedSequence(seed).generate_state(2, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(batches)), torch.Generator().manual_seed(int(noise))
 
 
 @dataclass
@@ -78,7 +95,8 @@ class PrivateFit:
     Train with `model` (it computes per-image gradients) and `optimizer` (it clips and noises
     them) on the index batches of `batches()`, one call per epoch. A batch may be small or even
     empty: the optimiser must still step on it (an empty step adds noise only), because the
-    guarantee counts every step. Resuming needs `state_dict()` and the sampler's generator."""
+    guarantee counts every step. `state_dict()` holds what resuming needs besides the model
+    and the wrapped optimiser: the accountant and both generators."""
 
     model: GradSampleModule
     optimizer: DPOptimizer
@@ -86,6 +104,11 @@ class PrivateFit:
     accountant: IAccountant
     noise_multiplier: float
     delta: float
+
+    @property
+    def network(self) -> nn.Module:
+        """The model that learns, unwrapped."""
+        return self.model._module
 
     @property
     def steps_per_epoch(self) -> int:
@@ -104,11 +127,13 @@ class PrivateFit:
     def state_dict(self) -> dict:
         return {
             "accountant": self.accountant.state_dict(),
+            "batches": self.sampler.generator.get_state(),
             "noise": self.optimizer.generator.get_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.accountant.load_state_dict(state["accountant"])
+        self.sampler.generator.set_state(state["batches"])
         self.optimizer.generator.set_state(state["noise"])
 
 
@@ -118,28 +143,15 @@ def make_private(
     *,
     train_size: int,
     privacy: PrivacyParams,
-    generator: torch.Generator,
+    seed: int,
 ) -> PrivateFit:
     """DP-SGD for `privacy.epochs` epochs of Poisson batches of `privacy.batch_size` images on
     average out of `train_size`, with the noise Opacus's accountant sets so that the whole fit
-    spends at most `privacy.epsilon` at `privacy.delta`. `model` must be DP-compatible
-    (`dp_compatible`) already and `optimizer` must hold its parameters; `generator` (CPU)
-    draws the batches and seeds the noise. The model is wrapped, not copied: training the
-    wrapper trains `model`."""
-    if not privacy.enabled:
-        raise ValueError("make_private needs privacy.epsilon")
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        raise UserError(
-            "private training runs in one process: set nproc: 1 (Opacus's distributed "
-            "Poisson sampling and noise are not wired into the engine)"
-        )
-    _require_compatible(model)
-    delta = privacy.delta if privacy.delta is not None else default_delta(train_size)
-    if delta >= 1 / train_size:
-        raise UserError(
-            f"privacy.delta = {delta} is not below 1 / {train_size} training images: "
-            f"lower it (or leave it null for {default_delta(train_size):.2g})"
-        )
+    spends at most `privacy.epsilon` at δ (`delta_for`). `optimizer` must hold `model`'s
+    parameters; `seed` seeds the batches and the noise. The model is wrapped, not copied:
+    training the wrapper trains `model`."""
+    require_compatible(model)
+    delta = delta_for(privacy, train_size)
     expected_batch_size = min(privacy.batch_size, train_size)
     sample_rate = expected_batch_size / train_size
     steps_per_epoch = round(train_size / expected_batch_size)
@@ -150,19 +162,24 @@ def make_private(
         steps=privacy.epochs * steps_per_epoch,
         accountant=ACCOUNTANT,
     )
+    batch_generator, noise_generator = seeded_generators(seed)
     device = next(model.parameters()).device
-    seed = int(torch.randint(2**62, (1,), generator=generator))
+    if device.type != "cpu":  # the noise is drawn where the gradients are
+        noise_generator = torch.Generator(device).manual_seed(noise_generator.initial_seed())
     dp_optimizer = DPOptimizer(
         optimizer,
         noise_multiplier=noise_multiplier,
         max_grad_norm=privacy.max_grad_norm,
         expected_batch_size=expected_batch_size,
-        generator=torch.Generator(device).manual_seed(seed),
+        generator=noise_generator,
     )
     accountant = create_accountant(ACCOUNTANT)
     dp_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate))
     sampler = UniformWithReplacementSampler(
-        num_samples=train_size, sample_rate=sample_rate, generator=generator, steps=steps_per_epoch
+        num_samples=train_size,
+        sample_rate=sample_rate,
+        generator=batch_generator,
+        steps=steps_per_epoch,
     )
     return PrivateFit(
         GradSampleModule(model), dp_optimizer, sampler, accountant, noise_multiplier, delta
@@ -175,15 +192,15 @@ def train_epoch(
     labels: torch.Tensor,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> tuple[float, float]:
-    """One epoch of DP-SGD over `fit.batches()`: (mean loss, accuracy) over the images drawn.
+    """One epoch of DP-SGD over `fit.batches()` for a head on features: (mean loss, accuracy)
+    over the images drawn. (Networks trained on images go through `engine.Trainer` instead.)
 
-    `inputs(index)` returns the model's input for those images, on the model's device. Logits
-    of shape images x views x outputs (a linear head on several augmented views of each image,
-    `by_image`) train on the mean loss over the views: each image's gradient is averaged over
-    its views before it is clipped, so an image still counts once (augmentation multiplicity,
-    De et al. 2022)."""
+    `inputs(index)` returns the head's input for those images. Logits of shape images x views
+    x outputs (several augmented views of each image, `by_image`) train on the mean loss over
+    the views: each image's gradient is averaged over its views before it is clipped, so an
+    image still counts once (augmentation multiplicity, De et al. 2022)."""
     fit.model.train()
-    loss_sum, correct, count = 0.0, 0, 0
+    loss_sum, correct, count = 0.0, 0.0, 0
     for index in fit.batches():
         logits = fit.model(inputs(index))
         views = logits.shape[1] if logits.dim() == 3 else 1
@@ -215,8 +232,9 @@ def head_features(
     without running the backbone again: the backbone never sees the gradients of the training
     images, so it costs no privacy."""
     captured = []
-    head = model.backbone.get_submodule(model.head_name)
-    hook = head.register_forward_pre_hook(lambda _, args: captured.append(args[0].float().cpu()))
+    hook = model.head.register_forward_pre_hook(
+        lambda _, args: captured.append(args[0].float().cpu())
+    )
     try:
         engine.predict_logits(model.to(device), images, norm, device, batch_size)
     finally:
@@ -230,20 +248,6 @@ def by_image(rows: torch.Tensor, views: int) -> torch.Tensor:
     return rows.reshape(views, -1, *rows.shape[1:]).transpose(0, 1)
 
 
-@dataclass
-class HeadFit:
-    """The epochs of a private head fit and the ε spent after each. The head released is the
-    best epoch's, but choosing it looked at every epoch's weights: its guarantee is the last ε.
-    """
-
-    history: list[engine.EpochRecord]
-    epsilons: list[float]
-
-    @property
-    def best(self) -> engine.EpochRecord:
-        return max(self.history, key=lambda r: (r.val_accuracy, -r.val_loss, -r.epoch))
-
-
 def _center_into_bias(head: nn.Linear, center: torch.Tensor) -> None:
     """A head trained on `features - center` as one that takes the features themselves."""
     with torch.no_grad():
@@ -251,50 +255,62 @@ def _center_into_bias(head: nn.Linear, center: torch.Tensor) -> None:
 
 
 def fit_head(
-    head: nn.Linear,
-    train_features: torch.Tensor,
-    train_labels: np.ndarray,
-    val_features: torch.Tensor,
-    val_labels: np.ndarray,
-    privacy: PrivacyParams,
-    generator: torch.Generator,
-) -> HeadFit:
-    """Train a linear `head` with DP-SGD on frozen pretrained features (`head_features`), the
-    recipe behind the strongest private image classifiers (Tramèr & Boneh, 2021): the public
-    backbone does the heavy lifting, and the private part has few parameters to add noise to.
+    fit: PrivateFit,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    train: tuple[torch.Tensor, np.ndarray],
+    val: tuple[torch.Tensor, np.ndarray],
+    epochs: int,
+    checkpoint: engine.Checkpoint | None = None,
+    on_epoch: Callable[[engine.EpochRecord, float], None] = lambda record, speed: None,
+) -> list[engine.EpochRecord]:
+    """Train a linear head (`fit`, made by `make_private` around the head and `optimizer`) with
+    DP-SGD on frozen pretrained features (`head_features`): the recipe behind the strongest
+    private image classifiers (Tramèr & Boneh, 2021). The public backbone does the heavy
+    lifting; the private part has few parameters to add noise to. Returns the history.
 
-    `train_features` is images x features, or images x views x features for several augmented
-    views of each image (`by_image`), whose gradients are averaged per image. The features are
-    centred on the mean val feature (val images are not training data, and the best epoch is
-    chosen on them anyway); the head starts at zero and learns with momentum SGD on a cosine
-    schedule. The best epoch's weights are left in `head` (on the CPU), the centring folded
-    into its bias, so it takes the plain features like the head it replaces."""
-    center = val_features.mean(dim=0)
-    train_x, val_x = train_features - center, val_features - center
-    train_y, val_y = torch.from_numpy(train_labels), torch.from_numpy(val_labels)
-    head.cpu()
-    nn.init.zeros_(head.weight)
-    nn.init.zeros_(head.bias)
-    optimizer = torch.optim.SGD(head.parameters(), lr=privacy.lr, momentum=0.9)
-    fit = make_private(
-        head, optimizer, train_size=len(train_y), privacy=privacy, generator=generator
-    )
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, privacy.epochs * fit.steps_per_epoch
-    )
-    result, best_state = HeadFit([], []), None
-    for epoch in range(1, privacy.epochs + 1):
+    `train` is (features, labels): images x views x features, the views being augmented copies
+    of each image (`by_image`), whose gradients are averaged per image. `val` is (features,
+    labels) of the val split, whose mean feature centres all features (val images are not
+    training data, and the best epoch is chosen on them anyway); the head starts at zero. After
+    each epoch `on_epoch(record, images per second)` is called and `checkpoint` saved; a
+    checkpoint is resumed from. The best epoch's weights are left in the head, the centring
+    folded into its bias, so it takes the plain features like the head it replaces."""
+    head = fit.network
+    center = val[0].mean(dim=0)
+    train_x, val_x = train[0] - center, val[0] - center
+    train_y, val_y = torch.from_numpy(train[1]), torch.from_numpy(val[1])
+    parts = {"head": head, "optimizer": optimizer, "schedule": schedule, "private": fit}
+    history, best_state = [], None
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+    saved = checkpoint.load() if checkpoint else None
+    if saved:
+        for name, part in parts.items():
+            part.load_state_dict(saved[name])
+        history = [engine.EpochRecord(**row) for row in saved["history"]]
+        best_state = saved["best_state"]
+    for epoch in range(len(history) + 1, epochs + 1):
+        started = time.perf_counter()
         train_loss, train_accuracy = train_epoch(fit, train_x.__getitem__, train_y, schedule)
+        seconds = time.perf_counter() - started
         with torch.no_grad():
             logits = head(val_x)
         val_accuracy = (networks.predicted_classes(logits) == val_y).double().mean().item()
-        record = engine.EpochRecord(
-            epoch, train_loss, train_accuracy, networks.loss(logits, val_y).item(), val_accuracy
+        val_loss = networks.loss(logits, val_y).item()
+        history.append(
+            engine.EpochRecord(epoch, train_loss, train_accuracy, val_loss, val_accuracy)
         )
-        result.history.append(record)
-        result.epsilons.append(fit.epsilon())
-        if record is result.best:
+        if history[-1] is engine.best_epoch(history):
             best_state = {name: value.clone() for name, value in head.state_dict().items()}
+        engine.print_epoch(history[-1], epochs, len(train_y) / seconds, seconds * (epochs - epoch))
+        on_epoch(history[-1], len(train_y) / seconds)
+        if checkpoint:
+            state = {name: part.state_dict() for name, part in parts.items()}
+            checkpoint.save(
+                state | {"history": engine.history_rows(history), "best_state": best_state}
+            )
     head.load_state_dict(best_state)
     _center_into_bias(head, center)
-    return result
+    return history
