@@ -4,6 +4,7 @@ import pytest
 from cnnpipe import metrics, report
 from cnnpipe.report import ModelResult
 from cnnpipe.stages.evaluate import choose
+from cnnpipe.store import PrivacySpent
 
 
 def test_score_of_a_known_prediction():
@@ -56,7 +57,7 @@ def test_choose_the_best_by_metric_and_the_smaller_model_on_a_tie():
 def test_a_score_undefined_on_the_test_split_is_none_and_never_wins():
     labels = np.array([0, 0, 1, 1])  # class 2 has no test image: no ROC-AUC
     probabilities = np.array([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.3, 0.6, 0.1]])
-    scores = metrics.score(labels, probabilities, ["a", "b", "c"])
+    scores = metrics.score(labels, probabilities, ["a", "b", "c"]) | {"audit_auc": 0.5}
     assert scores["roc_auc"] is None and scores["accuracy"] == 1.0
     undefined = ModelResult("a", "a", scores, {"parameters": 1, "latency_ms": 1, "file_mb": 1})
     defined = ModelResult("b", "b", scores | {"roc_auc": 0.1}, {"parameters": 99})
@@ -64,3 +65,22 @@ def test_a_score_undefined_on_the_test_split_is_none_and_never_wins():
     assert "roc_auc" in undefined.headline() and "test_roc_auc" not in undefined.test_metrics()
     text = report.render([undefined], undefined, "roc_auc", "note", "Test split: 4.", "cpu")
     assert "| ROC-AUC | n/a |" in text and "nan" not in text.lower()
+
+
+def test_the_report_shows_each_models_epsilon_beside_its_audit_and_tags_carry_it():
+    probabilities = np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.9, 0.1]])
+    scores = metrics.score(np.array([0, 1, 1, 0]), probabilities, ["no", "yes"])
+    scores["audit_auc"] = 0.512
+    costs = {"parameters": 1, "latency_ms": 1, "file_mb": 1}
+    private = ModelResult(
+        "scratch", "seed_cnn", scores, costs, PrivacySpent(epsilon=7.98, delta=8.6e-5)
+    )
+    plain = ModelResult("transfer", "efficientnet_lite0", scores | {"audit_auc": 0.6}, costs)
+    text = report.render([private, plain], private, "accuracy", "note", 4, "hash", "cpu")
+    assert "| membership-inference audit AUC | 0.512 | 0.600 |" in text
+    assert "| privacy budget | ε = 7.98 (δ = 8.6e-05) | not private |" in text
+    assert report.metrics_file([private, plain])["epsilon"] == {"scratch": 7.98, "transfer": None}
+    assert report.metrics_file([private, plain])["audit_auc"] == {"scratch": 0.512, "transfer": 0.6}
+    assert private.test_metrics()["test_audit_auc"] == 0.512
+    assert private.privacy_tags() == {"epsilon": "7.98", "delta": "8.6e-05"}
+    assert plain.privacy_tags() == {"epsilon": "not private"}

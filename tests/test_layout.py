@@ -134,13 +134,13 @@ def test_dvc_lock_matches_the_code_it_was_made_with():
 
 # Libraries a stage module must not import when it starts: each costs seconds, and each is
 # imported only on the path that uses it (timm: building a timm backbone; captum: drawing
-# Grad-CAM; albumentations: augment).
+# Grad-CAM; albumentations: augment; opacus: a private fit).
 NOT_AT_START = {
-    "prepare": {"torch", "torchvision", "timm", "captum", "albumentations", "cv2"},
-    "augment": {"torchvision", "timm", "captum", "sklearn"},
-    "train": {"torchvision", "timm", "captum", "albumentations", "cv2", "sklearn"},
-    "transfer": {"torchvision", "timm", "captum", "albumentations", "cv2", "sklearn"},
-    "evaluate": {"torchvision", "timm", "captum", "albumentations", "cv2"},
+    "prepare": {"torch", "torchvision", "timm", "captum", "albumentations", "cv2", "opacus"},
+    "augment": {"torchvision", "timm", "captum", "sklearn", "opacus"},
+    "train": {"torchvision", "timm", "captum", "albumentations", "cv2", "sklearn", "opacus"},
+    "transfer": {"torchvision", "timm", "captum", "albumentations", "cv2", "sklearn", "opacus"},
+    "evaluate": {"torchvision", "timm", "captum", "albumentations", "cv2", "opacus"},
     "record": {"torch", "torchvision", "timm", "captum", "albumentations", "cv2", "sklearn"},
 }
 

@@ -138,3 +138,8 @@ def test_the_table_says_which_stage_builds_each_model():
         spec.library in networks.BACKBONES or spec.library == "cnnpipe"
         for spec in models.MODELS.values()
     )
+
+
+def test_every_model_in_the_table_says_how_it_trains_privately():
+    for name, spec in models.MODELS.items():
+        assert spec.private == ("whole" if spec.stage == "train" else "head"), name

@@ -63,6 +63,15 @@ def test_allowed_models_come_from_the_model_table(tmp_path):
         ({"data.source": "s3://bucket"}, "data.source = 's3://bucket': Value error, must be"),
         ({"transfer.frozen_epochs": 9}, "frozen_epochs (9) cannot exceed epochs (5)"),
         ({"tracking.registered_model": "it's"}, 'tracking.registered_model = "it\'s"'),
+        ({"train.privacy.epsilon": 0}, "train.privacy.epsilon = 0: Input should be greater than 0"),
+        ({"transfer.privacy.epsilon": -1.5}, "transfer.privacy.epsilon = -1.5: Input should be"),
+        ({"train.privacy.delta": 1}, "train.privacy.delta = 1: Input should be less than 1"),
+        ({"train.privacy.delta": 0}, "train.privacy.delta = 0: Input should be greater than 0"),
+        (
+            {"train.privacy.epsilon": 8, "train.nproc": 2},
+            "train: train.privacy.epsilon is set with train.nproc = 2: private training runs in "
+            "one process (set train.nproc: 1)",
+        ),
     ],
 )
 def test_bad_params_name_key_value_and_what_is_allowed(tmp_path, overrides, expected):
@@ -72,6 +81,19 @@ def test_bad_params_name_key_value_and_what_is_allowed(tmp_path, overrides, expe
     message = str(caught.value)
     assert expected in message
     assert "\n" not in message
+
+
+def test_a_model_without_a_private_recipe_cannot_train_privately(tmp_path, monkeypatch):
+    monkeypatch.setitem(models.MODELS, "plain_cnn", models.ModelSpec("train", "cnnpipe:seed_cnn"))
+    write_params(tmp_path, {"train.model": "plain_cnn", "train.privacy.epsilon": 8})
+    with pytest.raises(UserError) as caught:
+        load_params(tmp_path / "params.yaml")
+    assert str(caught.value).endswith(
+        "train: train.model plain_cnn cannot train privately: choose one of seed_cnn, "
+        "small_cnn, or set train.privacy.epsilon: null"
+    )
+    write_params(tmp_path, {"train.model": "plain_cnn"})
+    assert load_params(tmp_path / "params.yaml").train.model == "plain_cnn"
 
 
 def test_a_missing_section_or_key_is_named(tmp_path):
@@ -119,7 +141,7 @@ def test_exponent_notation_is_a_number(tmp_path):
 def test_stage_params_use_shared_names_for_both_models():
     params = load_params(REPO / "params.yaml")
     train, transfer = (layout.stage_params(s, params) for s in ("train", "transfer"))
-    for shared in ("model", "epochs", "batch_size", "lr", "image_size", "seed"):
+    for shared in ("model", "epochs", "batch_size", "lr", "image_size", "seed", "privacy.epsilon"):
         assert shared in train and shared in transfer, shared
     assert train["model"] == "small_cnn" and transfer["model"] == "efficientnet_lite0"
     assert transfer["frozen_epochs"] == 2 and "frozen_epochs" not in train

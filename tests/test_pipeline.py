@@ -57,7 +57,8 @@ def test_dvc_repro_runs_every_stage_and_logs_each_to_mlflow(digits_repo):
         assert meta["architecture"] == architecture and len(meta["classes"]) == 10
         assert (repo_copy / "models" / folder / "weights.pt").stat().st_size > 0
     metrics = json.loads((repo_copy / "reports" / "evaluate" / "metrics.json").read_text())
-    assert set(metrics) == {"accuracy", "macro_f1", "roc_auc", "ece"}  # compact: dvc exp show
+    assert set(metrics) == {"accuracy", "macro_f1", "roc_auc", "ece", "audit_auc", "epsilon"}
+    assert metrics["epsilon"] == {"scratch": None, "transfer": None}  # not private
     assert all(set(by_model) == {"scratch", "transfer"} for by_model in metrics.values())
     accuracy = metrics["accuracy"]
     assert accuracy["scratch"] > 0.5 and accuracy["transfer"] > 0.3

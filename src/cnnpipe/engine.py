@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -38,6 +39,24 @@ class EpochRecord:
     train_accuracy: float
     val_loss: float
     val_accuracy: float
+
+
+def best_epoch(history: list[EpochRecord]) -> EpochRecord:
+    """The epoch whose weights a fit keeps: best val accuracy, then val loss, then the earliest."""
+    return max(history, key=lambda r: (r.val_accuracy, -r.val_loss, -r.epoch))
+
+
+class PrivateSteps(Protocol):
+    """DP-SGD around a trainer's model and optimiser (`privacy.PrivateFit`)."""
+
+    model: nn.Module  # the model, wrapped to compute per-image gradients
+    optimizer: torch.optim.Optimizer  # the optimiser, wrapped to clip them and add noise
+
+    def batches(self) -> Iterator[np.ndarray]: ...  # one epoch of Poisson index batches
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -234,6 +253,20 @@ class Checkpoint:
         return None
 
 
+def print_epoch(
+    record: EpochRecord, total_epochs: int, images_per_second: float, seconds_left: float
+) -> None:
+    """The line a fit prints after each epoch (stderr)."""
+    print(
+        f"epoch {record.epoch}/{total_epochs}: train loss {record.train_loss:.4f} "
+        f"acc {record.train_accuracy:.4f} | val loss {record.val_loss:.4f} "
+        f"acc {record.val_accuracy:.4f} | {images_per_second:.0f} img/s "
+        f"| ~{seconds_left:.0f}s left",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def _progress(total: int, description: str) -> tqdm:
     """A redrawn bar with images/second and time left on a terminal; without one (CI, logs)
     the per-epoch line printed by the trainer is the progress report."""
@@ -270,7 +303,7 @@ class Trainer:
 
     @property
     def best(self) -> EpochRecord:
-        return max(self.history, key=lambda r: (r.val_accuracy, -r.val_loss, -r.epoch))
+        return best_epoch(self.history)
 
     def steps_per_epoch(self) -> int:
         per_rank = len(self.train) // self.runtime.world_size
@@ -285,49 +318,67 @@ class Trainer:
         until_epoch: int,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         phase: str = "fit",
+        private: PrivateSteps | None = None,
     ) -> None:
         """Train up to epoch `until_epoch`, resuming the optimiser and schedule of a
-        checkpoint written in the same `phase`. The scheduler, if any, steps every batch."""
-        if len(self.history) >= until_epoch:
-            return
+        checkpoint written in the same `phase`. The scheduler, if any, steps every batch.
+        With `private` (made around this model and `optimizer`), the epochs are DP-SGD: its
+        Poisson batches, per-image gradients and noisy steps, its state in the checkpoint."""
         if self.resumed and self.resumed["phase"] == phase:
             optimizer.load_state_dict(self.resumed["optimizer"])
             if scheduler is not None:
                 scheduler.load_state_dict(self.resumed["scheduler"])
-        net = self.model
-        if self.runtime.world_size > 1:
+            if private is not None:  # also when no epoch is left: it holds the ε spent
+                private.load_state_dict(self.resumed["private"])
+        if len(self.history) >= until_epoch:
+            return
+        net, stepper = self.model, optimizer
+        if private is not None:
+            net, stepper = private.model, private.optimizer
+        elif self.runtime.world_size > 1:
             net = DistributedDataParallel(self.model, device_ids=self._device_ids())
         for epoch in range(len(self.history) + 1, until_epoch + 1):
-            self._one_epoch(net, optimizer, scheduler, epoch)
+            batches = private.batches() if private is not None else None
+            self._one_epoch(net, stepper, scheduler, epoch, batches)
             if self.checkpoint and self.runtime.is_main:
-                self.checkpoint.save(self._state(optimizer, scheduler, phase))
+                state = self._state(optimizer, scheduler, phase)
+                if private is not None:
+                    state["private"] = private.state_dict()
+                self.checkpoint.save(state)
 
     def _device_ids(self) -> list[int] | None:
         return [self.device.index] if self.device.type == "cuda" else None
 
-    def _one_epoch(self, net: nn.Module, optimizer, scheduler, epoch: int) -> None:
+    def _one_epoch(self, net: nn.Module, optimizer, scheduler, epoch: int, batches=None) -> None:
         started = time.perf_counter()
         train_loss, train_accuracy, images_per_second = self.train_epoch(
-            net, optimizer, scheduler, f"epoch {epoch}"
+            net, optimizer, scheduler, f"epoch {epoch}", batches
         )
         self._finish_epoch(epoch, train_loss, train_accuracy, images_per_second, started)
 
     def train_epoch(
-        self, net: nn.Module, optimizer, scheduler=None, description: str = "train"
+        self,
+        net: nn.Module,
+        optimizer,
+        scheduler=None,
+        description: str = "train",
+        batches: Iterator[np.ndarray] | None = None,
     ) -> tuple[float, float, float]:
-        """One pass over this rank's shard of the train split: (loss, accuracy, images/s)."""
+        """One pass over this rank's shard of the train split, or over `batches` (index
+        arrays) when given: (loss, accuracy, images/s)."""
         net.train()
         started = time.perf_counter()
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, correct, count
-        shard = batch_indices(
-            len(self.train),
-            self._rank_batch_size(),
-            self.generator,
-            self.runtime.rank,
-            self.runtime.world_size,
-        )
+        if batches is None:
+            batches = batch_indices(
+                len(self.train),
+                self._rank_batch_size(),
+                self.generator,
+                self.runtime.rank,
+                self.runtime.world_size,
+            )
         with _progress(len(self.train) // self.runtime.world_size, description) as bar:
-            for index in shard:
+            for index in batches:
                 inputs = to_input(self.train.images[index], self.norm, self.device)
                 targets = torch.from_numpy(self.train.labels[index]).to(self.device)
                 with autocast(self.device):
@@ -338,9 +389,10 @@ class Trainer:
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
-                correct = (networks.predicted_classes(logits.detach()) == targets).sum()
-                count = totals.new_tensor(len(index))
-                totals += torch.stack([batch_loss.detach() * len(index), correct, count])
+                if len(index):  # an empty (Poisson) batch steps too, but has no loss to count
+                    correct = (networks.predicted_classes(logits.detach()) == targets).sum()
+                    count = totals.new_tensor(len(index))
+                    totals += torch.stack([batch_loss.detach() * len(index), correct, count])
                 bar.update(len(index))
         if self.runtime.world_size > 1:
             dist.all_reduce(totals)
@@ -357,13 +409,7 @@ class Trainer:
             self.best_state = copy.deepcopy(self.model.state_dict())
         left = (time.perf_counter() - started) * (self.total_epochs - epoch)
         if self.runtime.is_main:
-            print(
-                f"epoch {epoch}/{self.total_epochs}: train loss {train_loss:.4f} "
-                f"acc {train_accuracy:.4f} | val loss {val_loss:.4f} acc {val_accuracy:.4f}"
-                f" | {images_per_second:.0f} img/s | ~{left:.0f}s left",
-                file=sys.stderr,
-                flush=True,
-            )
+            print_epoch(record, self.total_epochs, images_per_second, left)
             self.on_epoch(record, images_per_second)
 
     def _state(self, optimizer, scheduler, phase: str) -> dict:

@@ -102,7 +102,13 @@ STAGES = {
         _training(TRANSFER),
         Stage(
             "evaluate",
-            params=("data.source", "evaluate", "tracking.registered_model", "tracking.log_images"),
+            params=(
+                "seed",  # draws the membership audit's members and non-members
+                "data.source",
+                "evaluate",
+                "tracking.registered_model",
+                "tracking.log_images",
+            ),
             deps=(
                 PREPARED,
                 PREPARE_REPORT,

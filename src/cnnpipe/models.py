@@ -5,7 +5,9 @@ weights come from and where its classifier head is. Normalisation is not written
 read from the source's own metadata (timm's `pretrained_cfg`, torchvision's weights) when the
 model is built (`networks.normalisation`). Adding a timm or torchvision backbone is one entry:
 
-    "convnext_tiny": ModelSpec("transfer", "torchvision:convnext_tiny", head="classifier.2"),
+    "convnext_tiny": ModelSpec(
+        "transfer", "torchvision:convnext_tiny", head="classifier.2", private="head"
+    ),
 
 This module imports no torch, so that every stage can validate params cheaply;
 `networks.build(name, ...)` turns an entry into a module.
@@ -23,6 +25,11 @@ class ModelSpec:
     source: str  # cnnpipe:<builder in networks.py> | timm:<model name> | torchvision:<model name>
     head: str | None = None  # the classifier's module path (timm models name it themselves)
     weights: str = "hub"  # ImageNet weights: hub (downloaded once) | package (shipped offline)
+    # How it trains with differential privacy (the stage's `privacy` params):
+    #   whole: DP-SGD on every weight, from scratch (built without batch norm, `networks.build`)
+    #   head: DP-SGD on a new linear head over the frozen ImageNet backbone's features
+    #   None: it cannot
+    private: Literal["whole", "head"] | None = None
     summary: str = ""
 
     @property
@@ -36,22 +43,31 @@ class ModelSpec:
 
 MODELS: dict[str, ModelSpec] = {
     "seed_cnn": ModelSpec(
-        "train", "cnnpipe:seed_cnn", summary="the source document's CNN: conv 32@3x3, pool, 128"
+        "train",
+        "cnnpipe:seed_cnn",
+        private="whole",
+        summary="the source document's CNN: conv 32@3x3, pool, 128",
     ),
     "small_cnn": ModelSpec(
-        "train", "cnnpipe:small_cnn", summary="five 3x3 conv + batch-norm layers, global pooling"
+        "train",
+        "cnnpipe:small_cnn",
+        private="whole",
+        summary="five 3x3 conv + batch-norm layers, global pooling",
     ),
     "efficientnet_lite0": ModelSpec(
         "transfer",
         "timm:tf_efficientnet_lite0",
         weights="package",
+        private="head",
         summary="timm EfficientNet-Lite0, ImageNet weights from a package (works offline)",
     ),
-    "resnet18": ModelSpec("transfer", "torchvision:resnet18", head="fc"),
+    "resnet18": ModelSpec("transfer", "torchvision:resnet18", head="fc", private="head"),
     "mobilenet_v3_small": ModelSpec(
-        "transfer", "torchvision:mobilenet_v3_small", head="classifier.3"
+        "transfer", "torchvision:mobilenet_v3_small", head="classifier.3", private="head"
     ),
-    "efficientnet_b0": ModelSpec("transfer", "torchvision:efficientnet_b0", head="classifier.1"),
+    "efficientnet_b0": ModelSpec(
+        "transfer", "torchvision:efficientnet_b0", head="classifier.1", private="head"
+    ),
 }
 
 

@@ -60,6 +60,24 @@ class AugmentParams(Section):
     brightness_contrast_p: float = Field(ge=0, le=1)
 
 
+class PrivacyParams(Section):
+    """A training stage's differentially private fit (`privacy.py`). Off while `epsilon` is
+    null; on, the stage follows its private recipe with these epochs, batch size and learning
+    rate instead of its own: DP-SGD wants far larger batches than ordinary training. Whether
+    `delta` is below 1 / (training images) is checked when the images are counted."""
+
+    epsilon: float | None = Field(gt=0)  # the privacy budget of the whole fit; null: off
+    delta: float | None = Field(gt=0, lt=1)  # null: 1 / (10 x training images)
+    max_grad_norm: float = Field(gt=0)  # each image's gradient is clipped to this L2 norm
+    epochs: int = Field(ge=1, le=1000)
+    batch_size: int = Field(ge=1, le=65536)  # expected images per step (Poisson sampling)
+    lr: float = Field(gt=0, le=100)
+
+    @property
+    def enabled(self) -> bool:
+        return self.epsilon is not None
+
+
 class TrainingParams(Section):
     """What every training stage has: the model from the table, the loop and where it runs."""
 
@@ -72,6 +90,7 @@ class TrainingParams(Section):
     device: Device
     deterministic: bool
     nproc: int = Field(ge=1, le=1024)
+    privacy: PrivacyParams
 
     @field_validator("model")
     @classmethod
@@ -80,6 +99,24 @@ class TrainingParams(Section):
         if model not in allowed:
             raise ValueError(f"must be one of {', '.join(allowed)}")
         return model
+
+    @model_validator(mode="after")
+    def _private_fit_possible(self) -> TrainingParams:
+        if not self.privacy.enabled:
+            return self
+        stage = self.STAGE
+        if models.MODELS[self.model].private is None:
+            able = [name for name in models.names(stage) if models.MODELS[name].private]
+            raise ValueError(
+                f"{stage}.model {self.model} cannot train privately: choose one of "
+                f"{', '.join(able)}, or set {stage}.privacy.epsilon: null"
+            )
+        if self.nproc > 1:
+            raise ValueError(
+                f"{stage}.privacy.epsilon is set with {stage}.nproc = {self.nproc}: private "
+                f"training runs in one process (set {stage}.nproc: 1)"
+            )
+        return self
 
 
 class TrainParams(TrainingParams):
@@ -155,6 +192,9 @@ def _describe(error: dict) -> str:
         return f"unknown key '{key}' (remove it or check its spelling)"
     if error["type"] == "missing":
         return f"'{key}' is missing (add it; the repository's params.yaml lists every key)"
+    if error["type"] == "value_error" and isinstance(error["input"], dict):
+        # a check across the keys of a section: its message names them
+        return f"{key}: {error['msg'].removeprefix('Value error, ')}"
     return f"{key} = {error['input']!r}: {error['msg']}"
 
 

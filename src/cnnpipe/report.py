@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cnnpipe.store import PrivacySpent
+
 # The headline scores: `reports/evaluate/metrics.json` (dvc exp show), the MLflow runs'
 # `test_*` metrics and the report's first table.
 HEADLINE = (
@@ -11,7 +13,9 @@ HEADLINE = (
     ("macro-F1", "macro_f1", "{:.4f}"),
     ("ROC-AUC", "roc_auc", "{:.4f}"),
     ("expected calibration error", "ece", "{:.4f}"),
+    ("membership-inference audit AUC", "audit_auc", "{:.3f}"),
 )
+NOT_PRIVATE = "not private"
 COSTS = (
     ("latency per image (ms)", "latency_ms", "{:.2f}"),
     ("parameters", "parameters", "{:,.0f}"),
@@ -25,6 +29,7 @@ class ModelResult:
     architecture: str
     scores: dict  # headline scores, plus per-class precision, recall and support
     costs: dict
+    privacy: PrivacySpent | None = None  # the guarantee of a model trained with DP-SGD
     figures: list[str] = field(default_factory=list)  # file names under reports/figures
 
     def headline(self) -> dict[str, float | None]:
@@ -36,11 +41,25 @@ class ModelResult:
         values = self.headline() | self.costs
         return {f"test_{k}": v for k, v in values.items() if v is not None}
 
+    def privacy_tags(self) -> dict[str, str]:
+        """Its guarantee as registry tags, so that it travels with the registered version."""
+        if self.privacy is None:
+            return {"epsilon": NOT_PRIVATE}
+        return {"epsilon": repr(self.privacy.epsilon), "delta": repr(self.privacy.delta)}
+
+    def guarantee(self) -> str:
+        if self.privacy is None:
+            return NOT_PRIVATE
+        return f"ε = {self.privacy.epsilon:.2f} (δ = {self.privacy.delta:.2g})"
+
 
 def metrics_file(results: list[ModelResult]) -> dict[str, dict[str, float | None]]:
     """`reports/evaluate/metrics.json`: each headline score for both models, score first, so
-    `dvc exp show` puts `accuracy.scratch` and `accuracy.transfer` in its first columns."""
-    return {key: {r.name: r.headline()[key] for r in results} for _, key, _ in HEADLINE}
+    `dvc exp show` puts `accuracy.scratch` and `accuracy.transfer` in its first columns; and
+    each model's ε (null: not private)."""
+    scores = {key: {r.name: r.headline()[key] for r in results} for _, key, _ in HEADLINE}
+    epsilon = {r.name: r.privacy.epsilon if r.privacy else None for r in results}
+    return scores | {"epsilon": epsilon}
 
 
 def per_class_rows(results: list[ModelResult]) -> list[dict]:
@@ -62,9 +81,20 @@ def _table(results: list[ModelResult]) -> list[str]:
     for label, key, fmt in HEADLINE:
         cells = (_shown(fmt, r.scores[key]) for r in results)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("| privacy budget | " + " | ".join(r.guarantee() for r in results) + " |")
     for label, key, fmt in COSTS:
         lines.append(f"| {label} | " + " | ".join(fmt.format(r.costs[key]) for r in results) + " |")
     return lines
+
+
+PRIVACY_NOTE = (
+    "Privacy: ε is the differential-privacy budget the model's training spent (DP-SGD; smaller "
+    "is more private: no one can tell from the model, beyond a factor e^ε with probability "
+    "1 − δ, whether any one training image was used); *not private* means it was trained "
+    "without that guarantee. The membership-inference audit is a loss-threshold attack: its "
+    "ROC-AUC at telling training images from as many test images by the model's loss, 0.5 "
+    "when the losses give nothing away, 1.0 when they give away every training image."
+)
 
 
 def _shown(fmt: str, value: float | None) -> str:
@@ -117,6 +147,8 @@ def render(
         "## Side by side",
         "",
         *_table(results),
+        "",
+        PRIVACY_NOTE,
         "",
         "## Per class",
         "",

@@ -183,6 +183,15 @@ def fingerprint(*outputs: Path) -> str:
     return digest.hexdigest()
 
 
+class PrivacySpent(BaseModel):
+    """The differential-privacy guarantee of a model: its whole fit spent `epsilon` at `delta`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    epsilon: float = Field(gt=0)
+    delta: float = Field(gt=0, lt=1)
+
+
 class ModelMeta(BaseModel):
     """`meta.json` of a model folder: how to rebuild the network and feed it images."""
 
@@ -195,6 +204,8 @@ class ModelMeta(BaseModel):
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     best_epoch: int = Field(ge=1)
+    # trained with DP-SGD (scratch models are then built without batch norm, networks.build)
+    privacy: PrivacySpent | None = None
 
     @field_validator("architecture")
     @classmethod

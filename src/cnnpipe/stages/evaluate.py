@@ -16,6 +16,7 @@ import torch
 from matplotlib.figure import Figure
 
 from cnnpipe import (
+    audit,
     engine,
     layout,
     metrics,
@@ -37,6 +38,7 @@ class TestSet:
     labels: np.ndarray  # int64, N
     classes: list[str]
     data_hash: str  # fingerprint of the prepared splits
+    members: store.Split  # the prepared train split: the membership audit's members
 
     @classmethod
     def load(cls) -> TestSet:
@@ -46,6 +48,7 @@ class TestSet:
             test.labels,
             store.read_classes(layout.PREPARED),
             store.fingerprint(layout.PREPARED),
+            store.read_split(layout.PREPARED, "train"),
         )
 
     def score(self, probabilities: np.ndarray) -> dict:
@@ -77,7 +80,12 @@ class Measured:
 
 
 def measure(
-    model: LoadedModel, test: TestSet, settings: EvaluateParams, device, show_data: bool
+    model: LoadedModel,
+    test: TestSet,
+    settings: EvaluateParams,
+    device,
+    show_data: bool,
+    seed: int,
 ) -> Measured:
     network = model.network.to(device)
     probabilities = engine.predict_probabilities(
@@ -86,13 +94,25 @@ def measure(
     costs = metrics.size(network, model.target.folder / "weights.pt") | {
         "latency_ms": metrics.latency_ms_per_image(network, test.images, model.norm, device)
     }
+    scores = test.score(probabilities) | {"audit_auc": membership_audit(model, test, device, seed)}
     result = ModelResult(
-        model.target.name, model.meta.architecture, test.score(probabilities), costs
+        model.target.name, model.meta.architecture, scores, costs, model.meta.privacy
     )
     data_figures = data_pictures(model, test, probabilities, settings) if show_data else {}
     return Measured(
         model, probabilities, result, pictures(model, test, probabilities), data_figures
     )
+
+
+def membership_audit(model: LoadedModel, test: TestSet, device, seed: int) -> float:
+    """ROC-AUC of the loss-threshold membership attack (audit.py): the train split's images
+    (members, un-augmented) against the test split's, as many of each (seeded)."""
+
+    def losses(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        return audit.per_image_losses(model.network, images, labels, model.norm, device)
+
+    members = losses(test.members.images, test.members.labels)
+    return audit.membership_auc(members, losses(test.images, test.labels), seed)
 
 
 def pictures(model: LoadedModel, test: TestSet, probabilities: np.ndarray) -> dict[str, Figure]:
@@ -165,7 +185,8 @@ def promote(chosen: Measured, test: TestSet, params: Params, producing_run: str 
         metric=metric,
         score=chosen.result.scores[metric],
         data_hash=test.data_hash,
-        tags={"architecture": chosen.result.architecture, "model": chosen.result.name},
+        tags={"architecture": chosen.result.architecture, "model": chosen.result.name}
+        | chosen.result.privacy_tags(),
         description=f"{chosen.model.title}: test {metric} {chosen.result.scores[metric]:.4f} "
         f"on {len(test.labels)} images (data hash {test.data_hash[:12]}).",
     )
@@ -250,7 +271,10 @@ def run(params: Params) -> None:
             test.data_hash,
             params.data.source,
         )
-        measured = [measure(m, test, settings, device, params.tracking.log_images) for m in loaded]
+        measured = [
+            measure(m, test, settings, device, params.tracking.log_images, params.seed)
+            for m in loaded
+        ]
         results = [m.result for m in measured]
         chosen = measured[results.index(choose(results, settings.select_metric))]
         if mlrun.server_lost():

@@ -3,6 +3,10 @@ Writes the transfer model (`models/transfer`).
 
 The first `frozen_epochs` train the head alone, the backbone frozen; the rest train
 everything, the backbone at the lower `backbone_lr`. AdamW, cosine decay within each phase.
+
+With `transfer.privacy.epsilon` set, DP-SGD trains only the new head, on the frozen backbone's
+features of each train image and its augmented copies (privacy.py), with momentum SGD and a
+cosine schedule at `transfer.privacy`'s epochs, batch size and learning rate.
 """
 
 from __future__ import annotations
@@ -29,12 +33,26 @@ def phases(transfer: TransferParams) -> list[fit.Phase]:
         ]
         return torch.optim.AdamW(groups, weight_decay=transfer.weight_decay, fused=True)
 
-    def cosine(optimizer, steps):
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR
     return [
         fit.Phase("frozen", transfer.frozen_epochs, head_only, cosine),
         fit.Phase("finetune", transfer.epochs - transfer.frozen_epochs, everything, cosine),
+    ]
+
+
+def private_phases(transfer: TransferParams) -> list[fit.Phase]:
+    """One phase; its optimiser is made for the head alone (fit.fit_head)."""
+    private = transfer.privacy
+    return [
+        fit.Phase(
+            "private head",
+            private.epochs,
+            optimizer=lambda head: torch.optim.SGD(
+                head.parameters(), lr=private.lr, momentum=0.9, weight_decay=transfer.weight_decay
+            ),
+            schedule=torch.optim.lr_scheduler.CosineAnnealingLR,
+            privacy=private,
+        )
     ]
 
 
@@ -51,7 +69,7 @@ def run(params: Params) -> None:
                 input_size=transfer.input_size,
                 pretrained=transfer.weights == "imagenet",
             ),
-            phases=phases(transfer),
+            phases=private_phases(transfer) if transfer.privacy.enabled else phases(transfer),
             meta={"input_size": transfer.input_size},
         ),
         params,

@@ -1,0 +1,84 @@
+"""End to end: a tiny private `dvc repro` on real digits, its ε and audit wherever they go."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import BIN, TINY, copy_repo, write_params
+from shell import run
+
+pytestmark = pytest.mark.e2e
+
+BUDGETS = {"scratch": ("train", 8.0), "transfer": ("transfer", 3.0)}
+PRIVATE = TINY | {
+    "train.model": "small_cnn",  # built with group norm: rebuilt so by evaluate
+    "train.privacy.epsilon": 8.0,
+    "train.privacy.epochs": 2,
+    "transfer.privacy.epsilon": 3.0,
+    "transfer.privacy.epochs": 2,
+}
+
+
+def private_repro(target: Path) -> Path:
+    repo = copy_repo(target)
+    write_params(repo, PRIVATE)
+    run([str(BIN / "dvc"), "repro"], repo)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def private_repo(tmp_path_factory) -> Path:
+    return private_repro(tmp_path_factory.mktemp("private") / "repo")
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_the_epsilon_spent_is_within_budget_and_recorded_everywhere(private_repo):
+    repo = private_repo
+    evaluation = read_json(repo / "reports" / "evaluate" / "metrics.json")
+    report = (repo / "reports" / "report.md").read_text()
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("cnnpipe").experiment_id
+    for name, (stage, budget) in BUDGETS.items():
+        spent = read_json(repo / "reports" / stage / "metrics.json")
+        epsilon, delta = spent["epsilon"], spent["delta"]
+        assert 0.9 * budget < epsilon <= budget, name
+        assert delta == pytest.approx(1 / (10 * 1167))
+        assert read_json(repo / "models" / name / "meta.json")["privacy"] == spent
+        assert evaluation["epsilon"][name] == epsilon
+        assert 0 <= evaluation["audit_auc"][name] <= 1
+        assert f"ε = {epsilon:.2f} (δ = {delta:.2g})" in report
+
+        (trained,) = client.search_runs([experiment], f"tags.`cnnpipe.stage` = '{stage}'")
+        per_epoch = client.get_metric_history(trained.info.run_id, "epsilon")
+        assert sorted({m.step for m in per_epoch}) == [1, 2]
+        assert [m.value for m in sorted(per_epoch, key=lambda m: m.step)][-1] == epsilon
+        assert max(m.value for m in per_epoch) <= budget
+        assert trained.data.params["privacy.epsilon"] == str(budget)
+        assert trained.data.metrics["test_audit_auc"] == evaluation["audit_auc"][name]
+    assert "| membership-inference audit AUC |" in report
+
+    (version,) = client.search_model_versions("name = 'cnnpipe-classifier'")
+    chosen = version.tags["model"]
+    assert version.tags["epsilon"] == repr(evaluation["epsilon"][chosen])
+    assert float(version.tags["delta"]) == pytest.approx(1 / (10 * 1167))
+
+
+def test_two_private_runs_with_one_seed_write_byte_identical_outputs(private_repo, tmp_path):
+    second = private_repro(tmp_path / "second")
+    locks = [
+        yaml.safe_load((repo / "dvc.lock").read_text())["stages"] for repo in (private_repo, second)
+    ]
+    for stage in ("prepare", "augment", "train", "transfer"):
+        assert locks[0][stage]["outs"] == locks[1][stage]["outs"], stage
+    for metrics in ("train/metrics.json", "transfer/metrics.json", "evaluate/metrics.json"):
+        assert (private_repo / "reports" / metrics).read_bytes() == (
+            second / "reports" / metrics
+        ).read_bytes()
