@@ -1,15 +1,20 @@
-"""End to end: a tiny private `dvc repro` on real digits, its ε and audit wherever they go."""
+"""End to end: a tiny private `dvc repro` on real digits, its ε and audit wherever they go.
+
+It starts from the shared tiny digits run (its prepared and augmented data), with an MLflow
+store of its own, so only train, transfer, evaluate and record run."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import BIN, TINY, copy_repo, write_params
+from cnnpipe import layout, store
+from conftest import BIN, TINY, write_params
 from shell import run
 
 pytestmark = pytest.mark.e2e
@@ -24,16 +29,14 @@ PRIVATE = TINY | {
 }
 
 
-def private_repro(target: Path) -> Path:
-    repo = copy_repo(target)
+@pytest.fixture(scope="module")
+def private_repo(digits_repo: Path, tmp_path_factory) -> Path:
+    repo = Path(shutil.copytree(digits_repo, tmp_path_factory.mktemp("private") / "repo"))
+    shutil.rmtree(repo / "mlruns")
+    (repo / "mlflow.db").unlink()
     write_params(repo, PRIVATE)
     run([str(BIN / "dvc"), "repro"], repo)
     return repo
-
-
-@pytest.fixture(scope="module")
-def private_repo(tmp_path_factory) -> Path:
-    return private_repro(tmp_path_factory.mktemp("private") / "repo")
 
 
 def read_json(path: Path) -> dict:
@@ -45,13 +48,17 @@ def test_the_epsilon_spent_is_within_budget_and_recorded_everywhere(private_repo
     evaluation = read_json(repo / "reports" / "evaluate" / "metrics.json")
     report = (repo / "reports" / "report.md").read_text()
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    default_delta = 1 / (10 * len(store.read_split(repo / layout.PREPARED, "train")))
     experiment = client.get_experiment_by_name("cnnpipe").experiment_id
     for name, (stage, budget) in BUDGETS.items():
         spent = read_json(repo / "reports" / stage / "metrics.json")
         epsilon, delta = spent["epsilon"], spent["delta"]
         assert 0.9 * budget < epsilon <= budget, name
-        assert delta == pytest.approx(1 / (10 * 1167))
-        assert read_json(repo / "models" / name / "meta.json")["privacy"] == spent
+        assert delta == pytest.approx(default_delta)
+        assert read_json(repo / "models" / name / "meta.json")["privacy"] == {
+            "epsilon": epsilon,
+            "delta": delta,
+        }
         assert evaluation["epsilon"][name] == epsilon
         assert 0 <= evaluation["audit_auc"][name] <= 1
         assert f"ε = {epsilon:.2f} (δ = {delta:.2g})" in report
@@ -68,17 +75,22 @@ def test_the_epsilon_spent_is_within_budget_and_recorded_everywhere(private_repo
     (version,) = client.search_model_versions("name = 'cnnpipe-classifier'")
     chosen = version.tags["model"]
     assert version.tags["epsilon"] == repr(evaluation["epsilon"][chosen])
-    assert float(version.tags["delta"]) == pytest.approx(1 / (10 * 1167))
+    assert float(version.tags["delta"]) == pytest.approx(default_delta)
+
+
+def outputs(repo: Path, stage: str) -> list[dict]:
+    """A stage's outs in dvc.lock, less its checkpoint folder (resume state, not a result)."""
+    outs = yaml.safe_load((repo / "dvc.lock").read_text())["stages"][stage]["outs"]
+    return [out for out in outs if not out["path"].startswith(str(layout.CHECKPOINTS))]
 
 
 def test_two_private_runs_with_one_seed_write_byte_identical_outputs(private_repo, tmp_path):
-    second = private_repro(tmp_path / "second")
-    locks = [
-        yaml.safe_load((repo / "dvc.lock").read_text())["stages"] for repo in (private_repo, second)
-    ]
-    for stage in ("prepare", "augment", "train", "transfer"):
-        assert locks[0][stage]["outs"] == locks[1][stage]["outs"], stage
-    for metrics in ("train/metrics.json", "transfer/metrics.json", "evaluate/metrics.json"):
-        assert (private_repo / "reports" / metrics).read_bytes() == (
-            second / "reports" / metrics
-        ).read_bytes()
+    # The second run retrains both models from nothing: no checkpoint to resume from.
+    second = Path(shutil.copytree(private_repo, tmp_path / "second", symlinks=True))
+    shutil.rmtree(second / layout.CHECKPOINTS)
+    for stage in ("train", "transfer"):
+        run([str(BIN / "dvc"), "repro", "--force", "--single-item", stage], second)
+    for stage in ("train", "transfer"):
+        assert outputs(private_repo, stage) == outputs(second, stage), stage
+        metrics = f"reports/{stage}/metrics.json"
+        assert (private_repo / metrics).read_bytes() == (second / metrics).read_bytes()
