@@ -78,11 +78,7 @@ def measure(folder: Path, target: layout.TrainedModel, seed: int, seconds: float
     norm = engine.Normalisation(meta.mean, meta.std)
     test, train = (store.read_split(folder / layout.PREPARED, s) for s in ("test", "train"))
     predicted = engine.predict_probabilities(model, test.images, norm, CPU).argmax(1)
-
-    def losses(split: store.Split) -> np.ndarray:
-        return audit.per_image_losses(model, split.images, split.labels, norm, CPU)
-
-    auc = audit.membership_auc(losses(train), losses(test), seed)
+    auc = audit.membership_audit(model, train, test, norm, CPU, seed)
     epsilon = meta.privacy.epsilon if meta.privacy else None
     return Outcome(float((predicted == test.labels).mean()), epsilon, auc, seconds)
 

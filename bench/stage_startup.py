@@ -66,7 +66,11 @@ def environment(repo: Path) -> dict[str, str]:
 def timed(command: list[str], cwd: Path) -> float:
     started = time.perf_counter()
     subprocess.run(
-        command, cwd=cwd, env=environment(cwd), check=True, stdout=subprocess.DEVNULL,
+        command,
+        cwd=cwd,
+        env=environment(cwd),
+        check=True,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     return time.perf_counter() - started
@@ -102,7 +106,9 @@ def main() -> None:
         apply_preset(tiny, "tiny")
         tiny_repro = [timed([str(BIN / "dvc"), "repro"], tiny)]
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    )
     print(f"default `dvc repro` from nothing (first run, for the inputs): {first_repro:.1f} s\n")
     print(f"{'stage (default params, digits)':34} {'whole process':26} {'import only':26}")
     for stage in STAGES:
@@ -110,7 +116,8 @@ def main() -> None:
         print(f"{stage + note:34} {spread(stages[stage]):26} {spread(imports[stage]):26}")
     medians = {s: statistics.median(v) for s, v in stages.items()}
     totals = {
-        "prepare + augment + evaluate": medians["prepare"] + medians["augment"]
+        "prepare + augment + evaluate": medians["prepare"]
+        + medians["augment"]
         + medians["evaluate"],
         "a stage with nothing to fit": max(medians["train"], medians["transfer"]),
         "tiny pipeline, dvc repro": tiny_repro[0],

@@ -15,7 +15,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from cnnpipe import engine, networks
+from cnnpipe import engine, networks, store
 
 
 def per_image_losses(
@@ -32,13 +32,43 @@ def per_image_losses(
     return networks.loss(logits, torch.from_numpy(labels), reduction="none").numpy()
 
 
+def balanced_sample(members: int, nonmembers: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of equally many members and non-members (the larger group subsampled, seeded):
+    the usual setting for membership inference, where an attacker's prior is a coin toss."""
+    rng = np.random.default_rng(seed)
+    count = min(members, nonmembers)
+    return rng.choice(members, count, replace=False), rng.choice(nonmembers, count, replace=False)
+
+
 def membership_auc(member_losses: np.ndarray, nonmember_losses: np.ndarray, seed: int) -> float:
     """ROC-AUC of telling members from non-members by their loss, lower loss meaning member,
-    on equally many of each (the larger group subsampled, seeded): the usual setting for
-    membership inference, where an attacker's prior is a coin toss."""
-    rng = np.random.default_rng(seed)
-    count = min(len(member_losses), len(nonmember_losses))
-    members = rng.choice(member_losses, count, replace=False)
-    nonmembers = rng.choice(nonmember_losses, count, replace=False)
-    is_member = np.r_[np.ones(count), np.zeros(count)]
-    return float(roc_auc_score(is_member, -np.r_[members, nonmembers]))
+    on a balanced sample of both (`balanced_sample`)."""
+    chosen_members, chosen_nonmembers = balanced_sample(
+        len(member_losses), len(nonmember_losses), seed
+    )
+    return _auc(member_losses[chosen_members], nonmember_losses[chosen_nonmembers])
+
+
+def membership_audit(
+    model: nn.Module,
+    members: store.Split,
+    nonmembers: store.Split,
+    norm: engine.Normalisation,
+    device: torch.device,
+    seed: int,
+) -> float:
+    """`membership_auc` of `model` on `members` against `nonmembers`, with the losses computed
+    for the sampled images only (the same sample, so the same AUC, as computing all)."""
+    chosen_members, chosen_nonmembers = balanced_sample(len(members), len(nonmembers), seed)
+
+    def losses(split: store.Split, chosen: np.ndarray) -> np.ndarray:
+        chosen = np.sort(chosen)  # in file order: a memory-mapped split reads forward
+        return per_image_losses(model, split.images[chosen], split.labels[chosen], norm, device)
+
+    return _auc(losses(members, chosen_members), losses(nonmembers, chosen_nonmembers))
+
+
+def _auc(member_losses: np.ndarray, nonmember_losses: np.ndarray) -> float:
+    count_members, count_nonmembers = len(member_losses), len(nonmember_losses)
+    is_member = np.r_[np.ones(count_members), np.zeros(count_nonmembers)]
+    return float(roc_auc_score(is_member, -np.r_[member_losses, nonmember_losses]))

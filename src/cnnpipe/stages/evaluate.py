@@ -107,12 +107,8 @@ def measure(
 def membership_audit(model: LoadedModel, test: TestSet, device, seed: int) -> float:
     """ROC-AUC of the loss-threshold membership attack (audit.py): the train split's images
     (members, un-augmented) against the test split's, as many of each (seeded)."""
-
-    def losses(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        return audit.per_image_losses(model.network, images, labels, model.norm, device)
-
-    members = losses(test.members.images, test.members.labels)
-    return audit.membership_auc(members, losses(test.images, test.labels), seed)
+    nonmembers = store.Split(test.images, test.labels)
+    return audit.membership_audit(model.network, test.members, nonmembers, model.norm, device, seed)
 
 
 def pictures(model: LoadedModel, test: TestSet, probabilities: np.ndarray) -> dict[str, Figure]:
