@@ -71,9 +71,7 @@ def test_a_private_fit_spends_what_the_accountant_counts_and_no_more(digits):
     independent = RDPAccountant()
     independent.history = [(fit.noise_multiplier, 32 / len(digits), steps)]
     assert fit.delta == pytest.approx(1 / (10 * len(digits)))
-    assert fit.epsilon() == pytest.approx(
-        independent.get_epsilon(fit.delta, alphas=privacy.ALPHAS)
-    )
+    assert fit.epsilon() == pytest.approx(independent.get_epsilon(fit.delta, alphas=privacy.ALPHAS))
     assert 7.5 < fit.epsilon() <= 8.0  # the noise is calibrated to the budget, not beyond it
     assert weights(model) != before  # the wrapped model is the one that learns
 
