@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 from cnnpipe import audit, engine, networks, sources, store
 
@@ -34,22 +35,31 @@ def overfitted(groups) -> torch.nn.Module:
     return model.eval()
 
 
-def losses(model, split: store.Split) -> np.ndarray:
-    return audit.per_image_losses(model, split.images, split.labels, NORM, CPU)
-
-
 def test_the_audit_finds_the_members_of_an_overfitted_model(overfitted, groups):
-    auc = audit.membership_auc(
-        losses(overfitted, groups["seen"]), losses(overfitted, groups["other"]), seed=0
-    )
+    auc = audit.membership_audit(overfitted, groups["seen"], groups["other"], NORM, CPU, seed=0)
     assert auc > 0.75
 
 
 def test_the_audit_finds_nothing_among_images_the_model_never_saw(overfitted, groups):
-    auc = audit.membership_auc(
-        losses(overfitted, groups["unseen"]), losses(overfitted, groups["other"]), seed=0
-    )
+    auc = audit.membership_audit(overfitted, groups["unseen"], groups["other"], NORM, CPU, seed=0)
     assert 0.4 < auc < 0.6
+
+
+def test_the_audit_scores_the_balanced_sample_it_draws(overfitted, groups):
+    """The AUC of the sampled images' losses, computed here from every image's loss."""
+    members, nonmembers = groups["unseen"], groups["seen"]
+    chosen_members, chosen_nonmembers = audit.balanced_sample(len(members), len(nonmembers), 3)
+
+    def losses(split: store.Split) -> np.ndarray:
+        return audit.per_image_losses(overfitted, split.images, split.labels, NORM, CPU)
+
+    member_losses = losses(members)[chosen_members]
+    nonmember_losses = losses(nonmembers)[chosen_nonmembers]
+    is_member = np.r_[np.ones(20), np.zeros(20)]
+    expected = roc_auc_score(is_member, -np.r_[member_losses, nonmember_losses])
+    found = audit.membership_audit(overfitted, members, nonmembers, NORM, CPU, seed=3)
+    assert found == pytest.approx(expected)
+    assert found < 0.25  # the 20 members are the unseen images: the seen ones look like members
 
 
 def test_per_image_losses_match_the_training_loss_for_both_head_conventions():
@@ -62,9 +72,10 @@ def test_per_image_losses_match_the_training_loss_for_both_head_conventions():
 
 
 def test_members_and_non_members_are_balanced_and_seeded():
-    """500 members against 50 non-members: the AUC uses 50 of each, the same 50 per seed."""
-    members, nonmembers = np.linspace(0, 1, 500), np.linspace(0.5, 1.5, 50)
-    first = audit.membership_auc(members, nonmembers, seed=1)
-    assert first == audit.membership_auc(members, nonmembers, seed=1)
-    assert first != audit.membership_auc(members, nonmembers, seed=2)
-    assert audit.membership_auc(np.zeros(50), np.ones(50), seed=0) == 1.0
+    """500 members against 50 non-members: the audit uses 50 of each, the same 50 per seed."""
+    members, nonmembers = audit.balanced_sample(500, 50, seed=1)
+    assert len(members) == len(set(members)) == 50 and members.max() < 500
+    assert sorted(nonmembers) == list(range(50))
+    again, _ = audit.balanced_sample(500, 50, seed=1)
+    other, _ = audit.balanced_sample(500, 50, seed=2)
+    assert list(again) == list(members) and list(other) != list(members)

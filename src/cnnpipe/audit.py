@@ -40,15 +40,6 @@ def balanced_sample(members: int, nonmembers: int, seed: int) -> tuple[np.ndarra
     return rng.choice(members, count, replace=False), rng.choice(nonmembers, count, replace=False)
 
 
-def membership_auc(member_losses: np.ndarray, nonmember_losses: np.ndarray, seed: int) -> float:
-    """ROC-AUC of telling members from non-members by their loss, lower loss meaning member,
-    on a balanced sample of both (`balanced_sample`)."""
-    chosen_members, chosen_nonmembers = balanced_sample(
-        len(member_losses), len(nonmember_losses), seed
-    )
-    return _auc(member_losses[chosen_members], nonmember_losses[chosen_nonmembers])
-
-
 def membership_audit(
     model: nn.Module,
     members: store.Split,
@@ -57,8 +48,9 @@ def membership_audit(
     device: torch.device,
     seed: int,
 ) -> float:
-    """`membership_auc` of `model` on `members` against `nonmembers`, with the losses computed
-    for the sampled images only (the same sample, so the same AUC, as computing all)."""
+    """ROC-AUC of telling `members` from `nonmembers` by `model`'s loss on each, lower loss
+    meaning member, on a balanced sample of both (`balanced_sample`); the losses are computed
+    for the sampled images only."""
     chosen_members, chosen_nonmembers = balanced_sample(len(members), len(nonmembers), seed)
 
     def losses(split: store.Split, chosen: np.ndarray) -> np.ndarray:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from opacus import GradSampleModule
-from opacus.accountants import IAccountant, create_accountant
+from opacus.accountants import IAccountant, RDPAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
@@ -56,7 +56,7 @@ ACCOUNTANT = "rdp"
 # The Rényi orders the accountant searches for the tightest ε: Opacus's, extended up to 1024.
 # A short fit (a few noisy steps, as in a tiny run) finds its best order above Opacus's largest,
 # 63, and Opacus then warns that the bound could be tighter; with these it is.
-ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [2**k for k in range(6, 11)]
+ALPHAS = [*RDPAccountant.DEFAULT_ALPHAS, *(2**k for k in range(6, 11))]
 
 
 def default_delta(train_size: int) -> float:
