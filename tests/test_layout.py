@@ -137,7 +137,7 @@ def test_dvc_lock_matches_the_code_it_was_made_with():
 # Grad-CAM; albumentations: augment; opacus: a private fit).
 NOT_AT_START = {
     "prepare": {"torch", "torchvision", "timm", "captum", "albumentations", "cv2", "opacus"},
-    "augment": {"torchvision", "timm", "captum", "sklearn", "opacus"},
+    "augment": {"torch", "torchvision", "timm", "captum", "sklearn", "opacus"},
     "train": {"torchvision", "timm", "captum", "albumentations", "cv2", "sklearn", "opacus"},
     "transfer": {"torchvision", "timm", "captum", "albumentations", "cv2", "sklearn", "opacus"},
     "evaluate": {"torchvision", "timm", "captum", "albumentations", "cv2", "opacus"},

@@ -7,13 +7,10 @@ chunks (single process: the policy's draws must come in one fixed order to be re
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
-# No check for a newer albumentations over the network each time the stage starts.
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
-import albumentations as A  # noqa: E402
 import cv2
 import numpy as np
 from tqdm import tqdm
@@ -21,6 +18,14 @@ from tqdm import tqdm
 from cnnpipe import layout, plots, store, tracking
 from cnnpipe.layout import AUGMENTED, PREPARED
 from cnnpipe.params import AugmentParams, Params
+
+# No check for a newer albumentations over the network each time the stage starts.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# albumentations imports its tensor helpers (`albumentations.pytorch`, and with them torch:
+# 1.3 s) whenever torch is installed. augment works on NumPy arrays only; without the module
+# albumentations skips them.
+sys.modules.setdefault("albumentations.pytorch", None)
+import albumentations as A  # noqa: E402
 
 PREVIEW_IMAGES = 8
 
