@@ -86,7 +86,7 @@ def test_dvc_repro_runs_every_stage_and_logs_each_to_mlflow(digits_repo):
     assert all(name in transfer_run.data.params for name in shared)
     assert [train_run.data.params[n] for n in shared] == [
         "seed_cnn",
-        "2",
+        "1",
         "32",
         "0.003",
         "16",
