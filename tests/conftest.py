@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,23 @@ from shell import commit, run
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the environment's console scripts: dvc, cnnpipe, mlflow
+# Session fixtures that reproduce a whole pipeline: each is built once per test process.
+REPRODUCED = ("digits_repo", "faces_baseline")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Group the end-to-end tests for pytest-xdist (`--dist loadgroup`, in pyproject.toml): a
+    module's tests stay together (they share its module fixtures), and so do all the modules
+    that read one reproduced repository, so each is built by one worker only (xdist hands out
+    the groups with the most tests first)."""
+    reads = defaultdict(set)
+    for item in items:
+        reads[item.module.__name__] |= set(REPRODUCED) & set(item.fixturenames)
+    for item in items:
+        if item.get_closest_marker("e2e"):
+            module = item.module.__name__
+            item.add_marker(pytest.mark.xdist_group(min(reads[module], default=module)))
 
 
 def digit_images(digit: int, count: int, size: int = 24) -> list[Image.Image]:

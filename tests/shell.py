@@ -75,10 +75,27 @@ def commit(repo: Path, message: str) -> None:
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message], repo)
 
 
+def _worker_ports() -> Iterator[int]:
+    """Ports below the kernel's ephemeral range (32768+), a block of 1,000 per pytest-xdist
+    worker: a port the OS hands out for bind(0) can be handed to another worker too while a
+    server here is still starting, and the other worker's server would then answer for it."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    return iter(range(20000 + 1000 * worker, 21000 + 1000 * worker))
+
+
+PORTS = _worker_ports()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port on 127.0.0.1 that nothing listens on, from this test process's own block."""
+    for port in PORTS:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port left in this worker's block")
 
 
 @contextlib.contextmanager

@@ -6,7 +6,6 @@ import base64
 import io
 import json
 import os
-import socket
 import subprocess
 import time
 import urllib.error
@@ -20,7 +19,7 @@ from PIL import Image
 
 from cnnpipe import registry, store
 from conftest import BIN, REPO
-from shell import run
+from shell import free_port, run
 from test_images import check_predict_answers_each_file
 
 pytestmark = pytest.mark.e2e
@@ -52,16 +51,10 @@ def test_first_evaluate_made_the_chosen_model_champion(repo_store):
     assert float(champion.tags["test_accuracy"]) == metrics["accuracy"][best]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_served_champion_answers_http_requests(repo_store):
     repo, _ = repo_store
     images, labels, classes = _test_split(repo)
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [
             str(BIN / "mlflow"),
