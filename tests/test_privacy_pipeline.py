@@ -60,7 +60,9 @@ def test_the_epsilon_spent_is_within_budget_and_recorded_everywhere(private_repo
             "delta": delta,
         }
         assert evaluation["epsilon"][name] == epsilon
-        assert 0 <= evaluation["audit_auc"][name] <= 1
+        # DP-SGD at this ε leaves the loss-threshold attack near a coin toss (0.49-0.53 in
+        # docs/benchmarks.md), not at 0, 1 or NaN
+        assert abs(evaluation["audit_auc"][name] - 0.5) < 0.1, name
         assert f"ε = {epsilon:.2f} (δ = {delta:.2g})" in report
 
         (trained,) = client.search_runs([experiment], f"tags.`cnnpipe.stage` = '{stage}'")
@@ -70,7 +72,8 @@ def test_the_epsilon_spent_is_within_budget_and_recorded_everywhere(private_repo
         assert max(m.value for m in per_epoch) <= budget
         assert trained.data.params["privacy.epsilon"] == str(budget)
         assert trained.data.metrics["test_audit_auc"] == evaluation["audit_auc"][name]
-    assert "| membership-inference audit AUC |" in report
+    audit_row = " | ".join(f"{evaluation['audit_auc'][name]:.3f}" for name in BUDGETS)
+    assert f"| membership-inference audit AUC | {audit_row} |" in report
 
     (version,) = client.search_model_versions("name = 'cnnpipe-classifier'")
     chosen = version.tags["model"]
