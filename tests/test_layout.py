@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cnnpipe import layout
+from cnnpipe import cli, layout
 from conftest import REPO
 
 SOURCE = REPO / "src"
@@ -155,3 +155,16 @@ def test_a_stage_imports_only_what_it_uses_when_it_starts(stage):
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     )
     assert found.stdout.split() == [], f"{stage} imports {found.stdout.strip()} at start"
+
+
+def test_a_stage_freezes_what_it_imported_out_of_the_garbage_collectors_reach():
+    probe = (
+        "import gc, cnnpipe.cli as cli; before = gc.get_freeze_count(); "
+        "cli.import_stage('record'); "
+        "print(before, gc.get_freeze_count(), gc.isenabled(), gc.get_threshold()[2])"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert found[0] == "0" and int(found[1]) > 100_000  # MLflow's objects, among others
+    assert found[2:] == ["True", str(cli.FULL_COLLECTION_EVERY)]
