@@ -183,22 +183,25 @@ def fit_phases(job: Job) -> Fitted:
     )
     until, private = 0, None
     for phase in phases:
-        if phase.epochs:
-            until += phase.epochs
-            optimizer = phase.optimizer(job.model)
-            if phase.privacy:
-                dp = _privacy()
-                private = dp.make_private(
-                    job.model,
-                    optimizer,
-                    train_size=len(job.train),
-                    privacy=phase.privacy,
-                    seed=job.seed,
-                )
-            steps = private.steps_per_epoch if private else trainer.steps_per_epoch()
-            schedule = phase.schedule(optimizer, phase.epochs * steps) if phase.schedule else None
-            trainer.on_epoch = epoch_logger(job.mlrun, private)
-            trainer.run(optimizer, until, schedule, phase=phase.name, private=private)
+        until += phase.epochs
+        # A phase the checkpoint has finished needs no optimiser (the first one built imports
+        # torch._dynamo: seconds); a private one is resumed all the same, for the ε it spent.
+        if not phase.epochs or (len(trainer.history) >= until and not phase.privacy):
+            continue
+        optimizer = phase.optimizer(job.model)
+        if phase.privacy:
+            dp = _privacy()
+            private = dp.make_private(
+                job.model,
+                optimizer,
+                train_size=len(job.train),
+                privacy=phase.privacy,
+                seed=job.seed,
+            )
+        steps = private.steps_per_epoch if private else trainer.steps_per_epoch()
+        schedule = phase.schedule(optimizer, phase.epochs * steps) if phase.schedule else None
+        trainer.on_epoch = epoch_logger(job.mlrun, private)
+        trainer.run(optimizer, until, schedule, phase=phase.name, private=private)
     spent = store.PrivacySpent(epsilon=private.epsilon(), delta=private.delta) if private else None
     return Fitted(trainer.best_model(), trainer.history, len(job.train), spent)
 
