@@ -78,7 +78,8 @@ def measure(folder: Path, target: layout.TrainedModel, seed: int, seconds: float
     norm = engine.Normalisation(meta.mean, meta.std)
     test, train = (store.read_split(folder / layout.PREPARED, s) for s in ("test", "train"))
     predicted = engine.predict_probabilities(model, test.images, norm, CPU).argmax(1)
-    auc = audit.membership_audit(model, train, test, norm, CPU, seed)
+    test_losses = audit.per_image_losses(model, test.images, test.labels, norm, CPU)
+    auc = audit.membership_audit(model, train, test_losses, norm, CPU, seed)
     epsilon = meta.privacy.epsilon if meta.privacy else None
     return Outcome(float((predicted == test.labels).mean()), epsilon, auc, seconds)
 

@@ -81,6 +81,12 @@ def test_dvc_repro_runs_every_stage_and_logs_each_to_mlflow(digits_repo):
     assert train_run.data.tags["cnnpipe.upstream.augment"] == runs["augment"][0].info.run_id
     assert train_run.data.metrics["test_accuracy"] == accuracy["scratch"]
     assert transfer_run.data.metrics["test_accuracy"] == accuracy["transfer"]
+    for trained, name in ((train_run, "scratch"), (transfer_run, "transfer")):
+        figures = sorted((repo_copy / "reports" / "figures").glob(f"{name}_*.png"))
+        assert len(figures) >= 4  # learning curves, confusion, reliability, ROC/PR
+        assert sorted(artifacts(client, trained.info.run_id, "test")) == [
+            f"test/{figure.name}" for figure in figures
+        ]
     assert runs["prepare"][0].data.metrics["images.test"] == 360
     shared = ("model", "epochs", "batch_size", "lr", "image_size", "seed")
     assert all(name in transfer_run.data.params for name in shared)

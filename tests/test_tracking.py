@@ -58,7 +58,7 @@ def test_results_reach_the_training_run_once(mlflow_store):
         pass
     for accuracy in (0.9, 0.5):
         with tracking.stage_run("evaluate", "once", {}) as evaluation:
-            evaluation.log_results_once(train.run_id, {"test_accuracy": accuracy}, {})
+            evaluation.log_results_once(train.run_id, {"test_accuracy": accuracy}, [])
     history = MlflowClient(mlflow_store).get_metric_history(train.run_id, "test_accuracy")
     assert [m.value for m in history] == [0.9]  # the second evaluation recorded its own
 

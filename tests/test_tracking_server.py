@@ -150,7 +150,7 @@ def test_results_for_an_earlier_run_do_not_fail_on_a_lost_server(tmp_path, monke
             pass
         with tracking.stage_run("evaluate", "exp", {}) as evaluation:
             stop(process)
-            evaluation.log_results_once(train.run_id, {"test_accuracy": 0.9}, {})
+            evaluation.log_results_once(train.run_id, {"test_accuracy": 0.9}, [])
             assert evaluation.server_lost()
     assert evaluation.not_sent == [f"test results for run {train.run_id}", "run status FINISHED"]
 

@@ -28,7 +28,11 @@ def per_image_losses(
 ) -> np.ndarray:
     """The training loss of each image (cross-entropy, or binary cross-entropy for a one-unit
     head), in eval mode."""
-    logits = engine.predict_logits(model, images, norm, device, batch_size)
+    return losses(engine.predict_logits(model, images, norm, device, batch_size), labels)
+
+
+def losses(logits: torch.Tensor, labels: np.ndarray) -> np.ndarray:
+    """Each image's training loss, from the logits the model gave it."""
     return networks.loss(logits, torch.from_numpy(labels), reduction="none").numpy()
 
 
@@ -43,21 +47,21 @@ def balanced_sample(members: int, nonmembers: int, seed: int) -> tuple[np.ndarra
 def membership_audit(
     model: nn.Module,
     members: store.Split,
-    nonmembers: store.Split,
+    nonmember_losses: np.ndarray,
     norm: engine.Normalisation,
     device: torch.device,
     seed: int,
 ) -> float:
-    """ROC-AUC of telling `members` from `nonmembers` by `model`'s loss on each, lower loss
-    meaning member, on a balanced sample of both (`balanced_sample`); the losses are computed
-    for the sampled images only."""
-    chosen_members, chosen_nonmembers = balanced_sample(len(members), len(nonmembers), seed)
-
-    def losses(split: store.Split, chosen: np.ndarray) -> np.ndarray:
-        chosen = np.sort(chosen)  # in file order: a memory-mapped split reads forward
-        return per_image_losses(model, split.images[chosen], split.labels[chosen], norm, device)
-
-    return _auc(losses(members, chosen_members), losses(nonmembers, chosen_nonmembers))
+    """ROC-AUC of telling `members` from the non-members by `model`'s loss on each, lower loss
+    meaning member, on a balanced sample of both (`balanced_sample`). The non-members' losses
+    are given (evaluate has their logits already); the members' are computed for the sampled
+    images only."""
+    chosen_members, chosen_nonmembers = balanced_sample(len(members), len(nonmember_losses), seed)
+    chosen_members = np.sort(chosen_members)  # in file order: a memory-mapped split reads forward
+    member_losses = per_image_losses(
+        model, members.images[chosen_members], members.labels[chosen_members], norm, device
+    )
+    return _auc(member_losses, nonmember_losses[chosen_nonmembers])
 
 
 def _auc(member_losses: np.ndarray, nonmember_losses: np.ndarray) -> float:

@@ -408,10 +408,13 @@ class StageRun:
 
         self._send("datasets", send)
 
-    def log_results_once(self, run_id: str | None, metrics: dict[str, float], figures) -> None:
-        """Add evaluate's test results to the run that trained the model, the first time that
-        model is evaluated. Later evaluations record their own values in their own runs: a
-        run's results, once measured, stay as they were."""
+    def log_results_once(
+        self, run_id: str | None, metrics: dict[str, float], figures: list[Path]
+    ) -> None:
+        """Add evaluate's test results (metrics, and the figure files under `test/`) to the run
+        that trained the model, the first time that model is evaluated. Later evaluations
+        record their own values in their own runs: a run's results, once measured, stay as
+        they were."""
         if run_id is None:
             return
 
@@ -423,8 +426,8 @@ class StageRun:
             store.log_batch(
                 run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()]
             )
-            for artifact_file, figure in figures.items():
-                store.log_figure(run_id, figure, f"test/{artifact_file}")
+            for figure in figures:
+                store.log_artifact(run_id, str(figure), "test")
 
         self._send(f"test results for run {run_id}", send)
 

@@ -88,13 +88,13 @@ def measure(
     seed: int,
 ) -> Measured:
     network = model.network.to(device)
-    probabilities = engine.predict_probabilities(
-        network, test.images, model.norm, device, settings.batch_size
-    )
+    logits = engine.predict_logits(network, test.images, model.norm, device, settings.batch_size)
+    probabilities = networks.probabilities(logits).numpy()
     costs = metrics.size(network, model.target.folder / "weights.pt") | {
         "latency_ms": metrics.latency_ms_per_image(network, test.images, model.norm, device)
     }
-    scores = test.score(probabilities) | {"audit_auc": membership_audit(model, test, device, seed)}
+    audit_auc = membership_audit(model, test, audit.losses(logits, test.labels), device, seed)
+    scores = test.score(probabilities) | {"audit_auc": audit_auc}
     result = ModelResult(
         model.target.name, model.meta.architecture, scores, costs, model.meta.privacy
     )
@@ -104,11 +104,14 @@ def measure(
     )
 
 
-def membership_audit(model: LoadedModel, test: TestSet, device, seed: int) -> float:
+def membership_audit(
+    model: LoadedModel, test: TestSet, test_losses: np.ndarray, device, seed: int
+) -> float:
     """ROC-AUC of the loss-threshold membership attack (audit.py): the train split's images
     (members, un-augmented) against the test split's, as many of each (seeded)."""
-    nonmembers = store.Split(test.images, test.labels)
-    return audit.membership_audit(model.network, test.members, nonmembers, model.norm, device, seed)
+    return audit.membership_audit(
+        model.network, test.members, test_losses, model.norm, device, seed
+    )
 
 
 def pictures(model: LoadedModel, test: TestSet, probabilities: np.ndarray) -> dict[str, Figure]:
@@ -242,7 +245,9 @@ def publish(
     mlrun.log_report(layout.REPORT, layout.FIGURES)
     for m in measured:
         mlrun.log_results_once(
-            producing[m.model.target.stage], m.result.test_metrics(), m.figures | m.data_figures
+            producing[m.model.target.stage],
+            m.result.test_metrics(),
+            [layout.FIGURES / name for name in m.result.figures],
         )
     for m in measured:
         for figure in (m.figures | m.data_figures).values():
