@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
+# One pytest-xdist worker runs per core, so each worker, and every process it starts, gets its
+# share of the cores for torch's and scikit-learn's OpenMP threads: with more, their threads
+# spin-wait on each other's cores (two tiny pipelines side by side took 63 s with two threads
+# each, 36 s with one, as long as one alone). Set before torch or scikit-learn is imported.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+
 import shutil
 import subprocess
 import sys
@@ -11,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from filelock import FileLock
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -19,16 +29,17 @@ from shell import commit, run
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the environment's console scripts: dvc, cnnpipe, mlflow
-# Session fixtures that reproduce a whole pipeline: each is built once per test process.
-REPRODUCED = ("digits_repo", "faces_baseline")
+# Session fixtures that reproduce a whole pipeline and are built once per test process
+# (`faces_baseline` is built once for all of them).
+REPRODUCED = ("digits_repo",)
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Group the end-to-end tests for pytest-xdist (`--dist loadgroup`, in pyproject.toml): a
     module's tests stay together (they share its module fixtures), and so do all the modules
-    that read one reproduced repository, so each is built by one worker only (xdist hands out
-    the groups with the most tests first)."""
+    that read a reproduced repository in `REPRODUCED`, so it is built by one worker only
+    (xdist hands out the groups with the most tests first)."""
     reads = defaultdict(set)
     for item in items:
         reads[item.module.__name__] |= set(REPRODUCED) & set(item.fixturenames)
@@ -147,10 +158,24 @@ def digits_repo(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def faces_baseline(tmp_path_factory) -> Path:
+def faces_baseline(tmp_path_factory, worker_id: str) -> Path:
     """One tiny `dvc repro` on builtin:faces, committed with its dvc.lock as the baseline,
-    its MLflow store removed. Tests take a private copy (`faces_repo`)."""
-    repo = copy_repo(tmp_path_factory.mktemp("faces") / "repo")
+    its MLflow store removed. Tests only read it, or take a private copy (`faces_repo`), so
+    the pytest-xdist workers share one: the first to ask builds it, in the run's temporary
+    folder, while the others wait for it."""
+    if worker_id == "master":  # one process: pytest caches the session fixture
+        return reproduce_faces(tmp_path_factory.mktemp("faces") / "repo")
+    run_folder = tmp_path_factory.getbasetemp().parent  # each worker's folder is inside it
+    repo, built = run_folder / "faces" / "repo", run_folder / "faces" / "built"
+    with FileLock(run_folder / "faces.lock"):
+        if not built.exists():
+            reproduce_faces(repo)
+            built.touch()
+    return repo
+
+
+def reproduce_faces(target: Path) -> Path:
+    repo = copy_repo(target)
     write_params(repo, FACES)
     run([str(BIN / "dvc"), "repro"], repo)
     shutil.rmtree(repo / "mlruns")
