@@ -6,7 +6,7 @@ In a fresh copy of the repository (tracked files, its own MLflow store), this sc
    transfer have complete checkpoints;
 2. times each stage as a whole process (`cnnpipe <stage>`), `--repeats` times: prepare,
    augment, evaluate and record redo their work; train and transfer find nothing left to fit;
-3. times importing each stage module in a fresh interpreter;
+3. times importing each stage module in a fresh interpreter, as the stage process does;
 4. times the tiny pipeline end to end (`presets/tiny.yaml`, `dvc repro` from nothing) in a
    second copy;
 
@@ -33,6 +33,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 STAGES = ("prepare", "augment", "train", "transfer", "evaluate", "record")
+IMPORT_PROBE = "import gc; from cnnpipe import cli; cli.import_stage('{stage}'); gc.freeze()"
 TARGETS = {
     "prepare + augment + evaluate": 13.0,
     "a stage with nothing to fit": 5.0,
@@ -100,7 +101,8 @@ def main() -> None:
         for _ in range(args.repeats):  # rounds, so that machine noise spreads over all stages
             for stage in STAGES:
                 stages[stage].append(timed([str(BIN / "cnnpipe"), stage], default))
-                probe = [sys.executable, "-c", f"import cnnpipe.stages.{stage}"]
+                # as `cnnpipe <stage>` imports it (cli.import_stage), and exits after it
+                probe = [sys.executable, "-c", IMPORT_PROBE.format(stage=stage)]
                 imports[stage].append(timed(probe, default))
         tiny = copy_repo(Path(scratch) / "tiny")
         apply_preset(tiny, "tiny")
