@@ -132,6 +132,27 @@ def test_dvc_lock_matches_the_code_it_was_made_with():
     assert not stale, f"dvc.lock is out of step with: {stale}; rerun uv run dvc repro"
 
 
+def test_the_committed_outputs_are_the_ones_dvc_lock_records():
+    """The small outputs committed to git (`cache: false`: metrics, tables, the report) are
+    the files dvc.lock records, so a fresh clone's `dvc repro` does not redo evaluate. Running
+    a stage by hand rewrites them: rerun `uv run dvc repro` before committing."""
+    committed = set(
+        subprocess.run(
+            ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.split()
+    )
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())
+    outs = [out for stage in lock["stages"].values() for out in stage.get("outs", [])]
+    files = [out for out in outs if out["path"] in committed]
+    assert len(files) >= 5  # each stage's metrics, evaluate's tables and the report
+    changed = [
+        out["path"]
+        for out in files
+        if hashlib.md5((REPO / out["path"]).read_bytes()).hexdigest() != out["md5"]
+    ]
+    assert not changed, f"{changed} differ from dvc.lock; rerun uv run dvc repro"
+
+
 # Libraries a stage module must not import when it starts: each costs seconds, and each is
 # imported only on the path that uses it (timm: building a timm backbone; captum: drawing
 # Grad-CAM; albumentations: augment; opacus: a private fit).
