@@ -127,11 +127,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command. The libraries a stage imports (torch, MLflow, ...) create millions of
-    objects that live until the process ends; CPython's garbage collector would walk them all
-    in each full collection, and again when the interpreter shuts down: 2-4 s of a stage's
-    start-up and exit. So they are frozen (`gc.freeze`) once imported, and everything is frozen
-    before the process exits; objects made later are collected as usual."""
+    """Run one command. The libraries a stage imports (torch, MLflow, ...) create hundreds of
+    thousands of objects that live until the process ends; CPython's garbage collector would
+    walk them all in each full collection, and again when the interpreter shuts down: 2-4 s of
+    a stage's start-up and exit. So they are frozen (`gc.freeze`) once imported, and
+    everything is frozen before the process exits; objects made later are collected as
+    usual."""
     try:
         return _command(sys.argv[1:] if argv is None else argv)
     finally:

@@ -93,7 +93,10 @@ def measure(
     costs = metrics.size(network, model.target.folder / "weights.pt") | {
         "latency_ms": metrics.latency_ms_per_image(network, test.images, model.norm, device)
     }
-    audit_auc = membership_audit(model, test, audit.losses(logits, test.labels), device, seed)
+    # the membership audit (audit.py): the train split's images (members, un-augmented)
+    # against the test split's, as many of each (seeded)
+    test_losses = audit.losses(logits, test.labels)
+    audit_auc = audit.membership_audit(network, test.members, test_losses, model.norm, device, seed)
     scores = test.score(probabilities) | {"audit_auc": audit_auc}
     result = ModelResult(
         model.target.name, model.meta.architecture, scores, costs, model.meta.privacy
@@ -101,16 +104,6 @@ def measure(
     data_figures = data_pictures(model, test, probabilities, settings) if show_data else {}
     return Measured(
         model, probabilities, result, pictures(model, test, probabilities), data_figures
-    )
-
-
-def membership_audit(
-    model: LoadedModel, test: TestSet, test_losses: np.ndarray, device, seed: int
-) -> float:
-    """ROC-AUC of the loss-threshold membership attack (audit.py): the train split's images
-    (members, un-augmented) against the test split's, as many of each (seeded)."""
-    return audit.membership_audit(
-        model.network, test.members, test_losses, model.norm, device, seed
     )
 
 
