@@ -29,8 +29,10 @@ from shell import commit, run
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the environment's console scripts: dvc, cnnpipe, mlflow
-# Session fixtures that reproduce a whole pipeline and are built once per test process
-# (`faces_baseline` is built once for all of them).
+# Session fixtures that reproduce a whole pipeline, are used in place (tests run stages and
+# write MLflow runs in them) and so are built once per test process, with every test that
+# reads one on that process. `faces_baseline`, which tests only read or copy, is instead
+# built once for all the processes.
 REPRODUCED = ("digits_repo",)
 
 
