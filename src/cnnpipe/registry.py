@@ -154,7 +154,8 @@ def champion_uri(registered_model: str) -> str:
     """The champion's model URI, or a clear error when there is none yet."""
     if champion(registered_model) is None:
         raise UserError(
-            f"no champion of '{registered_model}' in {tracking.tracking_uri()}: run the "
-            "pipeline (dvc repro) first, or pass --model models/scratch"
+            f"no champion of '{registered_model}' in {tracking.tracking_uri()}: the evaluate "
+            "stage registers one when it runs (a fresh clone's first `dvc repro` skips it: "
+            "run `dvc repro --force-downstream`), or pass --model models/scratch"
         )
     return f"models:/{registered_model}@{CHAMPION}"
