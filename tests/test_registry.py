@@ -119,7 +119,7 @@ def test_the_champion_loads_as_data(runs, mlflow_store, tmp_path, monkeypatch):
 
 
 def test_no_champion_is_a_clear_error(mlflow_store):
-    with pytest.raises(UserError, match="no champion of 'nobody'.*dvc repro --force-downstream"):
+    with pytest.raises(UserError, match="no champion of 'nobody'.*dvc repro -f -s evaluate record"):
         registry.champion_uri("nobody")
 
 

@@ -155,7 +155,7 @@ def champion_uri(registered_model: str) -> str:
     if champion(registered_model) is None:
         raise UserError(
             f"no champion of '{registered_model}' in {tracking.tracking_uri()}: the evaluate "
-            "stage registers one when it runs (a fresh clone's first `dvc repro` skips it: "
-            "run `dvc repro --force-downstream`), or pass --model models/scratch"
+            "stage registers one when `dvc repro` runs it (a fresh clone's first repro skips "
+            "it; then run `dvc repro -f -s evaluate record`), or pass --model models/scratch"
         )
     return f"models:/{registered_model}@{CHAMPION}"
