@@ -1,13 +1,13 @@
-"""The pictures the stages save: each is drawn once when saved, and saving it again gives the
-same file."""
+"""The pictures the stages save: each is drawn once when saved, into the same pixels as with the
+layout engine `tight_layout` leaves behind (which makes `savefig` draw it twice)."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 
 import numpy as np
 import pytest
+from matplotlib.layout_engine import PlaceHolderLayoutEngine
 
 from cnnpipe import metrics, plots
 
@@ -54,11 +54,15 @@ def png(figure) -> bytes:
 
 
 @pytest.mark.parametrize("name", FIGURES)
-def test_a_saved_figure_is_drawn_once_and_saves_the_same_file_again(name):
+def test_a_saved_figure_is_drawn_once_into_the_same_pixels(name):
     figure = FIGURES[name]()
     draws = []
     figure.canvas.mpl_connect("draw_event", draws.append)
-    first = png(figure)
+    saved = png(figure)
     assert len(draws) == 1, f"{name}: savefig drew the figure {len(draws)} times"
-    assert hashlib.md5(png(figure)).digest() == hashlib.md5(first).digest()
+    figure.set_layout_engine(
+        PlaceHolderLayoutEngine(adjust_compatible=True, colorbar_gridspec=True)
+    )
+    assert png(figure) == saved
+    assert len(draws) == 3  # the placeholder engine costs a draw of its own
     plots.close(figure)
