@@ -30,7 +30,10 @@ def overfitted(groups) -> torch.nn.Module:
     torch.manual_seed(0)
     model = networks.build("seed_cnn", num_classes=10, image_size=SIZE)
     seen = groups["seen"]
-    trainer = engine.Trainer(model, seen, seen, NORM, engine.Runtime(CPU), 20, 0, 60)
+    options = engine.LoopOptions(20)
+    trainer = engine.Trainer.on_images(
+        model, (seen, seen), NORM, engine.Runtime(CPU), options, 0, 60
+    )
     trainer.run(torch.optim.Adam(model.parameters(), lr=1e-3), 60)
     return model.eval()
 

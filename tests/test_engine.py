@@ -1,18 +1,15 @@
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
 
-from cnnpipe import engine, fit, layout, networks
+from cnnpipe import engine, fit, layout, networks, runtime
 from cnnpipe.params import load_params
 from cnnpipe.sources import load_source
 from cnnpipe.store import Split
 from conftest import REPO
 
 NORM = engine.Normalisation((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-CPU = engine.Runtime(torch.device("cpu"))
+CPU = runtime.Runtime(torch.device("cpu"))
 
 
 def _digits_splits(train_images: int = 600):
@@ -48,25 +45,34 @@ def test_ranks_get_disjoint_equal_shards_of_one_permutation():
     assert not set(shards[0]) & set(shards[1])
 
 
-def _fit(data, epochs, checkpoint, until=None):
-    train, val = data
-    engine.make_deterministic(0, True, torch.device("cpu"))
+def _fit(data, epochs, checkpoint, until=None, options=None, policy=None):
+    runtime.make_deterministic(0, True, torch.device("cpu"))
     model = networks.build("small_cnn", num_classes=10, image_size=12)
-    trainer = engine.Trainer(model, train, val, NORM, CPU, 64, 0, epochs, checkpoint)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=3e-3, total_steps=epochs * trainer.steps_per_epoch()
+    options = options or engine.LoopOptions(64)
+    trainer = engine.Trainer.on_images(
+        model, data, NORM, CPU, options, 0, epochs, checkpoint, policy
     )
-    trainer.run(optimizer, until or epochs, schedule)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    phase = fit.Phase("fit", epochs, optimizer=None, warmup_epochs=1)
+    trainer.run(optimizer, until or epochs, phase.schedule(optimizer, trainer.steps_per_epoch()))
     return trainer
 
 
 def test_resuming_from_a_checkpoint_ends_with_the_same_weights(tmp_path):
-    data = _digits_splits(train_images=160)  # small_cnn: batch norm, dropout, one-cycle
-    straight = _fit(data, 3, None)
+    """small_cnn (batch norm, dropout), warm-up and cosine, every option of the loop on:
+    fresh augmentation per epoch, mixup / cutmix, EMA, smoothing and class weights."""
+    data = _digits_splits(train_images=160)
+    options = engine.LoopOptions(
+        64,
+        engine.Objective(0.1, torch.linspace(0.5, 1.5, 10)),
+        fit.mixing(0.2, 1.0, 10),
+        ema_decay=0.9,
+    )
+    policy = _policy()
+    straight = _fit(data, 3, None, options=options, policy=policy)
     checkpoint = engine.Checkpoint(tmp_path / "last.pt", key="k")
-    _fit(data, 3, checkpoint, until=1)  # stops after epoch 1, as if killed
-    resumed = _fit(data, 3, checkpoint)
+    _fit(data, 3, checkpoint, until=1, options=options, policy=_policy())  # killed after 1
+    resumed = _fit(data, 3, checkpoint, options=options, policy=_policy())
     assert [r.epoch for r in resumed.history] == [1, 2, 3]
     for name, tensor in straight.model.state_dict().items():
         assert torch.equal(tensor, resumed.model.state_dict()[name]), name
@@ -82,22 +88,21 @@ def test_a_checkpoint_for_other_params_is_set_aside(tmp_path, capsys):
     assert "written with other params or data" in capsys.readouterr().err
 
 
+def _policy():
+    import albumentations as A
+
+    return A.Compose([A.Affine(translate_percent=(-0.1, 0.1), p=0.5)], seed=0)
+
+
 def test_trainer_learns_digits_and_keeps_the_best_epoch():
     train, val = _digits_splits()
-    engine.make_deterministic(0, True, torch.device("cpu"))
+    runtime.make_deterministic(0, True, torch.device("cpu"))
     model = networks.build("seed_cnn", num_classes=10, image_size=12)
     epochs_seen = []
-    trainer = engine.Trainer(
-        model,
-        train,
-        val,
-        NORM,
-        CPU,
-        batch_size=32,
-        seed=0,
-        total_epochs=4,
-        on_epoch=lambda record, speed: epochs_seen.append((record.epoch, speed > 0)),
+    trainer = engine.Trainer.on_images(
+        model, (train, val), NORM, CPU, engine.LoopOptions(32), seed=0, total_epochs=4
     )
+    trainer.on_epoch = lambda record, speed: epochs_seen.append((record.epoch, speed > 0))
     trainer.run(torch.optim.Adam(model.parameters(), lr=3e-3), until_epoch=4)
     assert epochs_seen == [(1, True), (2, True), (3, True), (4, True)]
     best = trainer.best
@@ -108,34 +113,6 @@ def test_trainer_learns_digits_and_keeps_the_best_epoch():
     )
     assert (probabilities.argmax(1) == val.labels).mean() == pytest.approx(best.val_accuracy)
     np.testing.assert_allclose(probabilities.sum(1), 1, rtol=1e-5)
-
-
-FAULTS_OF_ONE_STEP = """
-import resource, sys
-import numpy as np
-from cnnpipe import engine
-if sys.argv[1] == "keep":
-    engine.keep_freed_memory()
-def faults_of_one_step():
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    activations = [np.ones(2 << 20, dtype=np.float32) for _ in range(4)]  # 4 x 8 MiB, written
-    del activations
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-faults_of_one_step()
-print(min(faults_of_one_step() for _ in range(3)))
-"""
-
-
-def test_freed_activation_buffers_are_reused_without_page_faults():
-    """Like a training step: several large buffers alive at once, then all freed. By default
-    glibc gives them back to the kernel and the next step faults them in again."""
-
-    def faults(mode: str) -> int:
-        command = [sys.executable, "-c", FAULTS_OF_ONE_STEP, mode]
-        return int(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
-
-    kept, default = faults("keep"), faults("default")
-    assert kept * 10 < default, (kept, default)
 
 
 def test_the_checkpoint_key_follows_every_param_the_stage_reads_and_its_data():
@@ -149,7 +126,7 @@ def test_the_checkpoint_key_follows_every_param_the_stage_reads_and_its_data():
 
     same = key(params)
     assert key(params) == same
-    for section, field, value in (("train", "lr", 0.01), ("data", "image_size", 24)):
+    for section, field, value in (("train", "lr", 0.01), ("data", "source", "builtin:faces")):
         changed = params.model_copy(
             update={section: getattr(params, section).model_copy(update={field: value})}
         )

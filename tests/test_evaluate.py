@@ -63,7 +63,7 @@ def test_a_score_undefined_on_the_test_split_is_none_and_never_wins():
     defined = ModelResult("b", "b", scores | {"roc_auc": 0.1}, {"parameters": 99})
     assert choose([undefined, defined], "roc_auc").name == "b"
     assert "roc_auc" in undefined.headline() and "test_roc_auc" not in undefined.test_metrics()
-    text = report.render([undefined], undefined, "roc_auc", "note", "Test split: 4.", "cpu")
+    text = report.render([undefined], undefined, "roc_auc", "Test split: 4.", "cpu")
     assert "| ROC-AUC | n/a |" in text and "nan" not in text.lower()
 
 
@@ -76,7 +76,7 @@ def test_the_report_shows_each_models_epsilon_beside_its_audit_and_tags_carry_it
         "scratch", "seed_cnn", scores, costs, PrivacySpent(epsilon=7.98, delta=8.6e-5)
     )
     plain = ModelResult("transfer", "efficientnet_lite0", scores | {"audit_auc": 0.6}, costs)
-    text = report.render([private, plain], private, "accuracy", "note", "Test split: 4.", "cpu")
+    text = report.render([private, plain], private, "accuracy", "Test split: 4.", "cpu")
     assert "| membership-inference audit AUC | 0.512 | 0.600 |" in text
     assert "| privacy budget | ε = 7.98 (δ = 8.6e-05) | not private |" in text
     assert report.metrics_file([private, plain])["epsilon"] == {"scratch": 7.98, "transfer": None}

@@ -16,6 +16,14 @@ from cnnpipe.params import PrivacyParams
 SIZE = 16
 NORM = engine.Normalisation(*networks.SCRATCH_MEAN_STD)
 CPU = torch.device("cpu")
+RUNTIME = engine.Runtime(CPU)
+
+
+def trainer_on(model, digits, batch_size, epochs, checkpoint=None) -> engine.Trainer:
+    options = engine.LoopOptions(batch_size)
+    return engine.Trainer.on_images(
+        model, (digits, digits), NORM, RUNTIME, options, 0, epochs, checkpoint
+    )
 
 
 def settings(**changes) -> PrivacyParams:
@@ -54,7 +62,7 @@ def private_seed_cnn(digits: store.Split, seed: int, privacy_settings: PrivacyPa
 
 def train(fit: privacy.PrivateFit, digits: store.Split, epochs: int) -> None:
     """Epochs of DP-SGD through the engine's trainer, as the train stage runs them."""
-    trainer = engine.Trainer(fit.network, digits, digits, NORM, engine.Runtime(CPU), 32, 0, epochs)
+    trainer = trainer_on(fit.network, digits, 32, epochs)
     trainer.run(fit.optimizer.original_optimizer, epochs, private=fit)
 
 
@@ -95,9 +103,7 @@ def test_a_private_fit_resumed_from_its_checkpoint_ends_where_an_uninterrupted_o
     checkpoint = engine.Checkpoint(tmp_path / "last.pt", key="k")
     for until in (1, 2):  # killed after epoch 1, then started again
         model, fit = private_seed_cnn(digits, seed=5, privacy_settings=settings())
-        trainer = engine.Trainer(
-            model, digits, digits, NORM, engine.Runtime(CPU), 32, 0, 2, checkpoint
-        )
+        trainer = trainer_on(model, digits, 32, 2, checkpoint)
         trainer.run(fit.optimizer.original_optimizer, until, private=fit)
     assert [r.epoch for r in trainer.history] == [1, 2]
     assert weights(model) == weights(whole)
@@ -111,7 +117,7 @@ def test_poisson_batches_vary_in_size_and_an_empty_one_still_steps(source):
     model, fit = private_seed_cnn(digits, seed=0, privacy_settings=settings(batch_size=1))
     sizes = [len(index) for index in fit.batches()]
     fit.sampler.generator.manual_seed(int(fit.sampler.generator.initial_seed()))
-    trainer = engine.Trainer(model, digits, digits, NORM, engine.Runtime(CPU), 1, 0, 1)
+    trainer = trainer_on(model, digits, 1, 1)
     trainer.run(fit.optimizer.original_optimizer, 1, private=fit)
     assert 0 in sizes and max(sizes) > 1
     record = trainer.history[0]
@@ -119,46 +125,52 @@ def test_poisson_batches_vary_in_size_and_an_empty_one_still_steps(source):
     assert fit.accountant.history[-1][2] == len(sizes) == len(digits)  # every step counted
 
 
-def private_head(source, seed: int, epochs: int):
+def private_head(source, seed: int, epochs: int, checkpoint=None):
     """A linear head on real features (the digits' pixels), two views per image (the image and
-    its mirror), with its PrivateFit."""
+    its mirror), trained privately in the loop as the transfer stage trains its head."""
     digits = balanced(source, 30)
     pixels = torch.from_numpy(digits.images.reshape(len(digits), -1)).float() / 255
     flipped = torch.from_numpy(digits.images[:, :, ::-1].reshape(len(digits), -1).copy()) / 255
     train, val = np.arange(0, 300, 2), np.arange(1, 300, 2)
-    views = privacy.by_image(torch.cat([pixels[train], flipped[train].float()]), 2)
-    head = nn.Linear(pixels.shape[1], 10)
+    layout = store.Augmentation(policy_dict={}, on_the_fly=False, originals=150, views=2)
+    views = layout.views_by_image(torch.cat([pixels[train], flipped[train].float()]))
+    val_inputs = engine.FeatureInputs(pixels[val], digits.labels[val])
+    head = privacy.CenteredHead(nn.Linear(pixels.shape[1], 10), val_inputs.features.mean(0))
     optimizer = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
     plan = settings(epochs=epochs, batch_size=50, lr=0.1)
     fit = privacy.make_private(head, optimizer, train_size=len(train), privacy=plan, seed=seed)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * fit.steps_per_epoch)
-    data = ((views, digits.labels[train]), (pixels[val], digits.labels[val]))
-    return head, fit, optimizer, schedule, data
+    train_inputs = engine.FeatureInputs(views, digits.labels[train])
+    options = engine.LoopOptions(50)
+    trainer = engine.Trainer(
+        head, train_inputs, val_inputs, RUNTIME, options, 0, epochs, checkpoint
+    )
+    return head, fit, optimizer, schedule, trainer
 
 
 def test_a_private_head_learns_from_features_and_takes_the_plain_features(source):
-    head, fit, optimizer, schedule, (train, val) = private_head(source, seed=0, epochs=6)
+    head, fit, optimizer, schedule, trainer = private_head(source, seed=0, epochs=6)
     logged = []
-    history = privacy.fit_head(
-        fit, optimizer, schedule, train, val, 6, on_epoch=lambda r, s: logged.append(r.epoch)
-    )
-    assert train[0].shape == (150, 2, val[0].shape[1])
+    trainer.on_epoch = lambda r, s: logged.append(r.epoch)
+    trainer.run(optimizer, 6, schedule, private=fit)
+    assert trainer.train.features.shape == (150, 2, trainer.val.features.shape[1])
     assert logged == [1, 2, 3, 4, 5, 6] and fit.epsilon() <= 8.0
+    linear = trainer.best_model().folded()
     with torch.no_grad():  # the centring is folded into the bias: plain features in
-        accuracy = (head(val[0]).argmax(1).numpy() == val[1]).mean()
-    assert accuracy == pytest.approx(engine.best_epoch(history).val_accuracy)
+        predicted = linear(trainer.val.features).argmax(1).numpy()
+    accuracy = (predicted == trainer.val.labels).mean()
+    assert accuracy == pytest.approx(trainer.best.val_accuracy)
     assert accuracy > 0.5  # ten classes: chance is 0.1
 
 
 def test_a_private_head_resumes_from_its_checkpoint(source, tmp_path):
-    whole, *parts, (train, val) = private_head(source, seed=1, epochs=3)
-    privacy.fit_head(*parts, train, val, 3)
+    whole, fit, optimizer, schedule, trainer = private_head(source, seed=1, epochs=3)
+    trainer.run(optimizer, 3, schedule, private=fit)
     checkpoint = engine.Checkpoint(tmp_path / "last.pt", key="k")
-    head, *parts, _ = private_head(source, seed=1, epochs=3)
-    privacy.fit_head(*parts, train, val, 1, checkpoint)  # killed after epoch 1
-    head, *parts, _ = private_head(source, seed=1, epochs=3)
-    history = privacy.fit_head(*parts, train, val, 3, checkpoint)
-    assert [r.epoch for r in history] == [1, 2, 3]
+    for until in (1, 3):  # killed after epoch 1, then started again
+        head, fit, optimizer, schedule, trainer = private_head(source, 1, 3, checkpoint)
+        trainer.run(optimizer, until, schedule, private=fit)
+    assert [r.epoch for r in trainer.history] == [1, 2, 3]
     assert weights(head) == weights(whole)
 
 

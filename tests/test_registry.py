@@ -35,7 +35,7 @@ def logged_run(folder: Path, experiment: str) -> str:
     store.write_model_folder(folder, network.state_dict(), meta)
     images = np.zeros((2, 16, 16, 3), dtype=np.uint8)
     with tracking.stage_run("train", experiment, {"lr": 0.1}, model="seed_cnn") as run:
-        run.log_model(lambda: serving.log_model(target, images))
+        run.log_model(target, images)
     return run.run_id
 
 
@@ -119,7 +119,7 @@ def test_the_champion_loads_as_data(runs, mlflow_store, tmp_path, monkeypatch):
 
 
 def test_no_champion_is_a_clear_error(mlflow_store):
-    with pytest.raises(UserError, match="no champion of 'nobody'.*dvc repro -f -s evaluate record"):
+    with pytest.raises(UserError, match="no champion of 'nobody'.*dvc repro -f -s record"):
         registry.champion_uri("nobody")
 
 

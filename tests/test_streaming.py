@@ -17,7 +17,7 @@ from dvc.cli import main as dvc
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from cnnpipe import store
+from cnnpipe import cli, store
 from cnnpipe.errors import UserError
 from cnnpipe.layout import PREPARE_REPORT, PREPARED
 from cnnpipe.params import load_params
@@ -51,7 +51,7 @@ def colour_folder(root: Path, per_class: int) -> Path:
 def prepare_with(folder: Path, workdir: Path, workers: int) -> dict:
     data = {"data.source": f"folder:{folder}", "data.image_size": 16, "data.workers": workers}
     write_params(workdir, TINY | data)
-    prepare.run(load_params())
+    cli.run_stage("prepare")
     return json.loads(PREPARE_REPORT.read_text())
 
 

@@ -12,11 +12,10 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from cnnpipe import store
+from cnnpipe import cli, store
 from cnnpipe.errors import UserError
 from cnnpipe.layout import PREPARE_REPORT, PREPARED
 from cnnpipe.params import load_params
-from cnnpipe.stages import prepare
 from conftest import TINY, write_params
 
 
@@ -52,7 +51,7 @@ def tiny_mnist(root: Path, train_per_class: int, test_per_class: int) -> dict[st
 def test_prepare_reads_mnist_files_and_keeps_their_test_split(workdir):
     mnist = tiny_mnist(workdir / "data" / "torchvision", train_per_class=10, test_per_class=3)
     write_params(workdir, TINY | {"data.source": "torchvision:MNIST", "data.image_size": 16})
-    prepare.run(load_params())
+    cli.run_stage("prepare")
 
     report = json.loads(PREPARE_REPORT.read_text())
     assert report["classes"][:2] == ["0 - zero", "1 - one"] and len(report["classes"]) == 10
@@ -82,7 +81,7 @@ def test_offline_without_the_files_prepare_fails_with_one_line(workdir, monkeypa
     write_params(workdir, {"data.source": "torchvision:FashionMNIST"})
     try:
         with pytest.raises(UserError) as error:
-            prepare.run(load_params())
+            cli.run_stage("prepare")
     finally:
         urllib.request.install_opener(None)
     message = str(error.value)

@@ -57,8 +57,9 @@ def test_results_reach_the_training_run_once(mlflow_store):
     with tracking.stage_run("train", "once", {}) as train:
         pass
     for accuracy in (0.9, 0.5):
-        with tracking.stage_run("evaluate", "once", {}) as evaluation:
-            evaluation.log_results_once(train.run_id, {"test_accuracy": accuracy}, [])
+        upstream = {"train": train.run_id}
+        with tracking.stage_run("evaluate", "once", {}, upstream=upstream) as evaluation:
+            evaluation.log_test_results("train", {"test_accuracy": accuracy}, [])
     history = MlflowClient(mlflow_store).get_metric_history(train.run_id, "test_accuracy")
     assert [m.value for m in history] == [0.9]  # the second evaluation recorded its own
 

@@ -148,9 +148,10 @@ def test_results_for_an_earlier_run_do_not_fail_on_a_lost_server(tmp_path, monke
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail at once, not in 7 s
         with tracking.stage_run("train", "exp", {}) as train:
             pass
-        with tracking.stage_run("evaluate", "exp", {}) as evaluation:
+        upstream = {"train": train.run_id}
+        with tracking.stage_run("evaluate", "exp", {}, upstream=upstream) as evaluation:
             stop(process)
-            evaluation.log_results_once(train.run_id, {"test_accuracy": 0.9}, [])
+            evaluation.log_test_results("train", {"test_accuracy": 0.9}, [])
             assert evaluation.server_lost()
     assert evaluation.not_sent == [f"test results for run {train.run_id}", "run status FINISHED"]
 

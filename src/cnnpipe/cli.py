@@ -19,7 +19,6 @@ from cnnpipe import layout
 from cnnpipe.errors import UserError
 from cnnpipe.params import load_params, preset
 
-DISTRIBUTED_STAGES = ("train", "transfer")
 # A stage's garbage collector runs a full collection after this many middle-generation ones
 # (CPython's default: 10).
 FULL_COLLECTION_EVERY = 100
@@ -41,23 +40,33 @@ def relaunch_under_torchrun(stage: str, nproc: int) -> int:
     return subprocess.run(command, check=False).returncode
 
 
-def run_stage(stage: str) -> int:
+def run_stage(name: str) -> int:
+    """Run one stage: a data stage inside the MLflow run the stage table describes, handed
+    its recorder (tracking.py); record, which is MLflow's own, as it is."""
     params = load_params()
-    nproc = getattr(params, stage).nproc if stage in DISTRIBUTED_STAGES else 1
+    stage = layout.STAGES[name]
+    nproc = getattr(params, name).nproc if stage.trains else 1
     if nproc > 1 and "RANK" not in os.environ:
-        return relaunch_under_torchrun(stage, nproc)
-    import_stage(stage).run(params)
+        return relaunch_under_torchrun(name, nproc)
+    module = import_stage(stage)
+    if not stage.recorded:
+        module.run(params)
+        return 0
+    from cnnpipe import tracking
+
+    with tracking.recording(stage, params) as recorder:
+        module.run(params, recorder)
     return 0
 
 
-def import_stage(stage: str) -> ModuleType:
+def import_stage(stage: layout.Stage) -> ModuleType:
     """The stage's module, imported with the garbage collector off; then everything imported
     so far is frozen out of the collector's reach (see `main`), and full collections run a
     tenth as often, since the modules a stage imports later (timm, MLflow's store) would make
     each one walk their objects again."""
     gc.disable()
     try:
-        return importlib.import_module(f"cnnpipe.stages.{stage}")
+        return importlib.import_module(stage.entry)
     finally:
         gc.freeze()
         young, middle, _ = gc.get_threshold()

@@ -1,18 +1,22 @@
-"""The fit / predict loop shared by the train and transfer stages.
+"""The one training loop, and prediction, for every model the pipeline trains.
 
-Splits stay uint8 arrays (memory-mapped) and become float tensors one batch at a time: scaled
-to [0, 1], normalised, channels_last. The loop reads top to bottom; the only things around it
-are the device, the process group when several processes train (DDP), and checkpoints.
+Images stay uint8 arrays (memory-mapped) and become float tensors one batch at a time: drawn
+through the augmentation policy (fresh views every epoch, from a generator seeded by the epoch,
+so reruns and resumed runs see the same ones), scaled to [0, 1], normalised, channels_last.
+Precomputed features (a private head, privacy.py) go through the same loop.
+
+Options of the loop, each off by default: label smoothing and class weights (`Objective`),
+mixup / cutmix (`Mixing`), an exponential moving average of the weights (timm's `ModelEmaV3`:
+the average is what is validated and kept), early stopping after `patience` epochs without a
+better val score, DP-SGD (`PrivateSteps`), bf16 autocast. One checkpoint format, one resume
+path, one rule for the best epoch (`best_epoch`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import ctypes
 import functools
 import os
-import random
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -28,8 +32,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from cnnpipe import networks
-from cnnpipe.errors import UserError
+from cnnpipe.runtime import Runtime, autocast
 from cnnpipe.store import Split
+
+# The val scores the best epoch can be chosen by (the `EpochRecord` fields behind them).
+SCORES = {"accuracy": "val_accuracy", "balanced_accuracy": "val_balanced_accuracy"}
 
 
 @dataclass
@@ -39,11 +46,20 @@ class EpochRecord:
     train_accuracy: float
     val_loss: float
     val_accuracy: float
+    val_balanced_accuracy: float
 
 
-def best_epoch(history: list[EpochRecord]) -> EpochRecord:
-    """The epoch whose weights a fit keeps: best val accuracy, then val loss, then the earliest."""
-    return max(history, key=lambda r: (r.val_accuracy, -r.val_loss, -r.epoch))
+def best_epoch(history: list[EpochRecord], score: str = "accuracy") -> EpochRecord:
+    """The epoch whose weights a fit keeps: best val `score`, then val loss, then the
+    earliest."""
+    field_name = SCORES[score]
+    return max(history, key=lambda r: (getattr(r, field_name), -r.val_loss, -r.epoch))
+
+
+def balanced_accuracy(predicted: np.ndarray, labels: np.ndarray) -> float:
+    """The mean of the per-class recalls (classes present in `labels`)."""
+    recalls = [np.mean(predicted[labels == c] == c) for c in np.unique(labels)]
+    return float(np.mean(recalls))
 
 
 class PrivateSteps(Protocol):
@@ -63,91 +79,6 @@ class PrivateSteps(Protocol):
 class Normalisation:
     mean: tuple[float, ...]
     std: tuple[float, ...]
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """Where the loop runs: the device, and this process's place among DDP processes."""
-
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def resolve_device(requested: str) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise UserError("device 'cuda' was asked for but no CUDA GPU is visible: use auto or cpu")
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
-
-
-def keep_freed_memory() -> None:
-    """Let glibc keep freed activation buffers for the next step instead of unmapping them.
-
-    By default glibc serves blocks above 128 KiB from fresh mappings and returns them to the
-    kernel when freed, so every CPU training step page-faults its activations in again. Raising
-    the mmap threshold (to glibc's 32 MiB maximum) and the trim threshold keeps them: a step of
-    the source document's network on CPU runs about 2x faster (docs/benchmarks.md).
-    Process-wide; nothing happens where the C library is not glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
-    libc.mallopt(m_mmap_threshold, 32 << 20)
-    libc.mallopt(m_trim_threshold, 1 << 30)
-
-
-def start_runtime(requested_device: str) -> Runtime:
-    """A single process, or, under torchrun, one rank of a process group: NCCL on GPUs
-    (one GPU per local rank), gloo on CPU."""
-    device = resolve_device(requested_device)
-    keep_freed_memory()
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Runtime(device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Runtime(device, dist.get_rank(), world_size)
-
-
-def stop_runtime(runtime: Runtime) -> None:
-    if runtime.world_size > 1 and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def make_deterministic(seed: int, deterministic: bool, device: torch.device) -> None:
-    """Seed Python, NumPy and torch; with `deterministic` on CUDA, also forbid nondeterministic
-    kernels (with CUBLAS_WORKSPACE_CONFIG and no cuDNN autotuning). The CPU kernels these
-    models use are deterministic already, and the switch would import torch's compiler
-    (~1.5 s at every stage start)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if device.type != "cuda":
-        return
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    else:
-        torch.backends.cudnn.benchmark = True
-
-
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA; full precision on CPU, where it is as fast and bit-reproducible."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @functools.lru_cache(maxsize=8)
@@ -172,6 +103,58 @@ def to_input(batch: np.ndarray, norm: Normalisation, device: torch.device) -> to
     return pixels.float().mul_(scale).sub_(shift)
 
 
+class Inputs(Protocol):
+    """What the loop trains or validates on: labels, and the model's input for index batches."""
+
+    labels: np.ndarray
+
+    def __len__(self) -> int: ...
+
+    def batch(self, index: np.ndarray, epoch: int | None = None) -> torch.Tensor:
+        """The inputs of rows `index`; with `epoch`, as trained on in that epoch (augmented)."""
+        ...
+
+
+@dataclass
+class ImageInputs:
+    """uint8 images; with a `policy` (albumentations), each image is drawn through it when
+    trained on, from a generator seeded by `seed` and the epoch."""
+
+    images: np.ndarray  # N x H x W x 3 uint8, possibly memory-mapped
+    labels: np.ndarray
+    norm: Normalisation
+    device: torch.device
+    policy: Callable | None = None  # an albumentations Compose
+    seed: int = 0
+    _epoch: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, index: np.ndarray, epoch: int | None = None) -> torch.Tensor:
+        pixels = self.images[index]
+        if epoch is not None and self.policy is not None:
+            if epoch != self._epoch:
+                self.policy.set_random_seed(self.seed * 100_003 + epoch)
+                self._epoch = epoch
+            pixels = np.stack([self.policy(image=image)["image"] for image in pixels])
+        return to_input(pixels, self.norm, self.device)
+
+
+@dataclass
+class FeatureInputs:
+    """Precomputed features: N x features, or N x views x features (views of one image)."""
+
+    features: torch.Tensor
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, index: np.ndarray, epoch: int | None = None) -> torch.Tensor:
+        return self.features[torch.from_numpy(index)]
+
+
 def batch_indices(
     size: int,
     batch_size: int,
@@ -182,14 +165,29 @@ def batch_indices(
     """Index batches over `size` items, shuffled when a generator is given. With several
     processes each takes every world_size-th item of the same permutation (all shards of equal
     length, so every rank runs the same number of steps). Sorted within a batch so
-    memory-mapped reads stay sequential."""
+    memory-mapped reads stay sequential. A shuffled (training) pass never ends on a batch of
+    one image, which batch norm cannot normalise: that image joins the batch before."""
     order = torch.randperm(size, generator=generator) if generator else torch.arange(size)
     shard = order[: size - size % world_size][rank::world_size]
-    for start in range(0, len(shard), batch_size):
-        yield np.sort(shard[start : start + batch_size].numpy())
+    starts = list(range(0, len(shard), batch_size))
+    if generator is not None and len(starts) > 1 and len(shard) - starts[-1] == 1:
+        starts.pop()
+    for i, start in enumerate(starts):
+        end = starts[i + 1] if i + 1 < len(starts) else len(shard)
+        yield np.sort(shard[start:end].numpy())
 
 
 @torch.no_grad()
+def logits_of(model: nn.Module, inputs: Inputs, batch_size: int = 256) -> torch.Tensor:
+    """The model's logits (float, on the CPU) for every row of `inputs`, in eval mode."""
+    model.eval()
+    outputs = [
+        model(inputs.batch(index)).float().cpu()
+        for index in batch_indices(len(inputs), batch_size)
+    ]
+    return torch.cat(outputs)
+
+
 def predict_logits(
     model: nn.Module,
     images: np.ndarray,
@@ -197,12 +195,8 @@ def predict_logits(
     device: torch.device,
     batch_size: int = 256,
 ) -> torch.Tensor:
-    model.eval()
-    outputs = []
-    for index in batch_indices(len(images), batch_size):
-        with autocast(device):
-            outputs.append(model(to_input(images[index], norm, device)).float().cpu())
-    return torch.cat(outputs)
+    labels = np.zeros(len(images), dtype=np.int64)
+    return logits_of(model, ImageInputs(images, labels, norm, device), batch_size)
 
 
 def predict_probabilities(
@@ -213,12 +207,6 @@ def predict_probabilities(
     batch_size: int = 256,
 ) -> np.ndarray:
     return networks.probabilities(predict_logits(model, images, norm, device, batch_size)).numpy()
-
-
-def _loss_and_accuracy(logits: torch.Tensor, labels: np.ndarray) -> tuple[float, float]:
-    targets = torch.from_numpy(np.asarray(labels))
-    predicted = networks.predicted_classes(logits)
-    return networks.loss(logits, targets).item(), (predicted == targets).double().mean().item()
 
 
 @dataclass
@@ -275,42 +263,128 @@ def _progress(total: int, description: str) -> tqdm:
     )
 
 
+@dataclass(frozen=True)
+class Objective:
+    """The training loss: cross-entropy with optional label smoothing and class weights.
+    Logits of N x views x classes (several views of each image) train on the mean over views,
+    so each image counts once."""
+
+    label_smoothing: float = 0.0
+    class_weights: torch.Tensor | None = None
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits, targets = by_row(logits, targets)
+        return networks.loss(
+            logits,
+            targets,
+            label_smoothing=self.label_smoothing,
+            class_weights=self.class_weights,
+        )
+
+
+def by_row(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of N x views x classes as (N * views) x classes, each image's target repeated."""
+    if logits.dim() != 3:
+        return logits, targets
+    views = logits.shape[1]
+    return logits.reshape(-1, logits.shape[-1]), targets.repeat_interleave(views, dim=0)
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """How the loop trains, besides the optimiser and schedule of each phase."""
+
+    batch_size: int
+    objective: Objective = Objective()
+    # Mixes each batch's images and targets (torchvision's MixUp / CutMix): (x, y) -> (x, soft y)
+    mixing: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    ema_decay: float = 0.0  # 0: no weight averaging
+    patience: int = 0  # epochs without a better val score before stopping; 0: never
+    score: str = "accuracy"  # the val score that picks the best epoch (SCORES)
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+
+
+def _go_on(record: EpochRecord, images_per_second: float) -> bool:
+    return False
+
+
 @dataclass
 class Trainer:
-    """Fits `model` on `train`, keeps the weights of the epoch with the best val accuracy,
-    writes a checkpoint after every epoch and resumes from one."""
+    """Fits `model` on `train`, validates after every epoch on `val` (the weight average, with
+    EMA), keeps the best epoch's weights, writes a checkpoint after every epoch and resumes
+    from one. `on_epoch(record, images/s)` is called after each epoch; it returns True to stop
+    the fit (a pruned search trial)."""
 
     model: nn.Module
-    train: Split
-    val: Split
-    norm: Normalisation
+    train: Inputs
+    val: Inputs
     runtime: Runtime
-    batch_size: int
+    options: LoopOptions
     seed: int
     total_epochs: int
     checkpoint: Checkpoint | None = None
-    on_epoch: Callable[[EpochRecord, float], None] = lambda record, images_per_second: None
+    on_epoch: Callable[[EpochRecord, float], bool] = _go_on
     history: list[EpochRecord] = field(default_factory=list)
     best_state: dict[str, torch.Tensor] | None = None
+    stopped: str | None = None  # why the fit stopped before its last epoch
+    steps: int = 0  # optimiser steps taken (the weight average warms up over them)
+
+    @classmethod
+    def on_images(
+        cls,
+        model: nn.Module,
+        splits: tuple[Split, Split],
+        norm: Normalisation,
+        runtime: Runtime,
+        options: LoopOptions,
+        seed: int,
+        total_epochs: int,
+        checkpoint: Checkpoint | None = None,
+        policy: Callable | None = None,
+    ) -> Trainer:
+        """A trainer on (train, val) image splits; train images drawn through `policy`."""
+        train, val = splits
+        device = runtime.device
+        return cls(
+            model,
+            ImageInputs(train.images, train.labels, norm, device, policy, seed),
+            ImageInputs(val.images, val.labels, norm, device),
+            runtime,
+            options,
+            seed,
+            total_epochs,
+            checkpoint,
+        )
 
     def __post_init__(self) -> None:
         self.device = self.runtime.device
         self.model.to(self.device, memory_format=torch.channels_last)
+        self.ema = self._weight_average() if self.options.ema_decay else None
         self.generator = torch.Generator().manual_seed(self.seed)
         self.resumed = self.checkpoint.load() if self.checkpoint else None
         if self.resumed:
             self._restore(self.resumed)
 
+    def _weight_average(self) -> nn.Module:
+        from timm.utils import ModelEmaV3  # timm takes a second to import: only when asked
+
+        return ModelEmaV3(self.model, decay=self.options.ema_decay, use_warmup=True)
+
+    @property
+    def validated(self) -> nn.Module:
+        """The weights validated and kept: the average with EMA, else the model's own."""
+        return self.ema.module if self.ema is not None else self.model
+
     @property
     def best(self) -> EpochRecord:
-        return best_epoch(self.history)
+        return best_epoch(self.history, self.options.score)
 
     def steps_per_epoch(self) -> int:
         per_rank = len(self.train) // self.runtime.world_size
-        return -(-per_rank // self._rank_batch_size())
+        return max(1, per_rank // self._rank_batch_size())
 
     def _rank_batch_size(self) -> int:
-        return max(1, self.batch_size // self.runtime.world_size)
+        return max(1, self.options.batch_size // self.runtime.world_size)
 
     def run(
         self,
@@ -319,27 +393,34 @@ class Trainer:
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         phase: str = "fit",
         private: PrivateSteps | None = None,
+        may_stop_early: bool = True,
     ) -> None:
         """Train up to epoch `until_epoch`, resuming the optimiser and schedule of a
         checkpoint written in the same `phase`. The scheduler, if any, steps every batch.
         With `private` (made around this model and `optimizer`), the epochs are DP-SGD: its
-        Poisson batches, per-image gradients and noisy steps, its state in the checkpoint."""
+        Poisson batches, per-image gradients and noisy steps, its state in the checkpoint.
+        `may_stop_early`: patience may end the fit in this phase."""
         if self.resumed and self.resumed["phase"] == phase:
             optimizer.load_state_dict(self.resumed["optimizer"])
             if scheduler is not None:
                 scheduler.load_state_dict(self.resumed["scheduler"])
             if private is not None:  # also when no epoch is left: it holds the ε spent
                 private.load_state_dict(self.resumed["private"])
-        if len(self.history) >= until_epoch:
-            return
         net, stepper = self.model, optimizer
         if private is not None:
             net, stepper = private.model, private.optimizer
         elif self.runtime.world_size > 1:
             net = DistributedDataParallel(self.model, device_ids=self._device_ids())
         for epoch in range(len(self.history) + 1, until_epoch + 1):
+            if self.stopped:
+                return
+            started = time.perf_counter()
             batches = private.batches() if private is not None else None
-            self._one_epoch(net, stepper, scheduler, epoch, batches)
+            train_loss, train_accuracy, speed = self.train_epoch(
+                net, stepper, scheduler, epoch, batches
+            )
+            record = self._validate(epoch, train_loss, train_accuracy)
+            self._finish_epoch(record, speed, started, may_stop_early)
             if self.checkpoint and self.runtime.is_main:
                 state = self._state(optimizer, scheduler, phase)
                 if private is not None:
@@ -349,19 +430,12 @@ class Trainer:
     def _device_ids(self) -> list[int] | None:
         return [self.device.index] if self.device.type == "cuda" else None
 
-    def _one_epoch(self, net: nn.Module, optimizer, scheduler, epoch: int, batches=None) -> None:
-        started = time.perf_counter()
-        train_loss, train_accuracy, images_per_second = self.train_epoch(
-            net, optimizer, scheduler, f"epoch {epoch}", batches
-        )
-        self._finish_epoch(epoch, train_loss, train_accuracy, images_per_second, started)
-
     def train_epoch(
         self,
         net: nn.Module,
         optimizer,
         scheduler=None,
-        description: str = "train",
+        epoch: int = 1,
         batches: Iterator[np.ndarray] | None = None,
     ) -> tuple[float, float, float]:
         """One pass over this rank's shard of the train split, or over `batches` (index
@@ -377,49 +451,85 @@ class Trainer:
                 self.runtime.rank,
                 self.runtime.world_size,
             )
-        with _progress(len(self.train) // self.runtime.world_size, description) as bar:
+        with _progress(len(self.train) // self.runtime.world_size, f"epoch {epoch}") as bar:
             for index in batches:
-                inputs = to_input(self.train.images[index], self.norm, self.device)
-                targets = torch.from_numpy(self.train.labels[index]).to(self.device)
-                with autocast(self.device):
-                    logits = net(inputs)
-                batch_loss = networks.loss(logits, targets)
-                optimizer.zero_grad(set_to_none=True)
-                batch_loss.backward()
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-                if len(index):  # an empty (Poisson) batch steps too, but has no loss to count
-                    correct = (networks.predicted_classes(logits.detach()) == targets).sum()
-                    count = totals.new_tensor(len(index))
-                    totals += torch.stack([batch_loss.detach() * len(index), correct, count])
+                totals += self._step(net, optimizer, scheduler, index, epoch)
                 bar.update(len(index))
         if self.runtime.world_size > 1:
             dist.all_reduce(totals)
         loss_sum, correct, count = totals.tolist()
-        return loss_sum / count, correct / count, count / (time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        return loss_sum / max(count, 1), correct / max(count, 1), count / seconds
 
-    def _finish_epoch(self, epoch, train_loss, train_accuracy, images_per_second, started) -> None:
-        val_loss, val_accuracy = _loss_and_accuracy(
-            predict_logits(self.model, self.val.images, self.norm, self.device), self.val.labels
+    def _step(self, net, optimizer, scheduler, index: np.ndarray, epoch: int) -> torch.Tensor:
+        """One optimiser step on the rows `index`: (loss sum, correct, count) of the batch."""
+        inputs = self.train.batch(index, epoch)
+        targets = torch.from_numpy(self.train.labels[index]).to(self.device)
+        trained_on = targets
+        if self.options.mixing is not None and len(index) > 1:
+            inputs, trained_on = self.options.mixing(inputs, targets)
+        with autocast(self.device, self.options.precision):
+            logits = net(inputs)
+        batch_loss = self.options.objective(logits, trained_on)
+        optimizer.zero_grad(set_to_none=True)
+        batch_loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        self.steps += 1
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.steps)
+        if not len(index):  # an empty (Poisson) batch steps too, but has no loss to count
+            return torch.zeros(3, dtype=torch.float64, device=self.device)
+        flat, flat_targets = by_row(logits.detach(), targets)
+        views = len(flat) // len(index)
+        correct = (networks.predicted_classes(flat) == flat_targets).sum() / views
+        count = torch.tensor(float(len(index)), dtype=torch.float64, device=self.device)
+        return torch.stack([batch_loss.detach().double() * len(index), correct.double(), count])
+
+    def _validate(self, epoch: int, train_loss: float, train_accuracy: float) -> EpochRecord:
+        logits = logits_of(self.validated, self.val)
+        labels = torch.from_numpy(np.asarray(self.val.labels))
+        predicted = networks.predicted_classes(logits)
+        return EpochRecord(
+            epoch,
+            train_loss,
+            train_accuracy,
+            networks.loss(logits, labels).item(),
+            (predicted == labels).double().mean().item(),
+            balanced_accuracy(predicted.numpy(), labels.numpy()),
         )
-        record = EpochRecord(epoch, train_loss, train_accuracy, val_loss, val_accuracy)
+
+    def _finish_epoch(
+        self, record: EpochRecord, images_per_second: float, started: float, may_stop: bool
+    ) -> None:
         self.history.append(record)
         if record is self.best:
-            self.best_state = copy.deepcopy(self.model.state_dict())
-        left = (time.perf_counter() - started) * (self.total_epochs - epoch)
+            self.best_state = copy.deepcopy(self.validated.state_dict())
+        left = (time.perf_counter() - started) * (self.total_epochs - record.epoch)
         if self.runtime.is_main:
             print_epoch(record, self.total_epochs, images_per_second, left)
-            self.on_epoch(record, images_per_second)
+        if self.on_epoch(record, images_per_second):
+            self.stopped = f"pruned after epoch {record.epoch}"
+        elif may_stop and 0 < self.options.patience <= record.epoch - self.best.epoch:
+            self.stopped = (
+                f"stopped early after epoch {record.epoch}: no better val "
+                f"{self.options.score} for {self.options.patience} epochs"
+            )
+        if self.stopped and self.runtime.is_main:
+            print(self.stopped, file=sys.stderr)
 
     def _state(self, optimizer, scheduler, phase: str) -> dict:
         return {
             "phase": phase,
             "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else {},
             "best_state": self.best_state,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else {},
             "history": history_rows(self.history),
+            "stopped": self.stopped or "",
+            "steps": self.steps,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "generator": self.generator.get_state(),
@@ -427,8 +537,12 @@ class Trainer:
 
     def _restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         self.best_state = state["best_state"]
         self.history = [EpochRecord(**row) for row in state["history"]]
+        self.stopped = state["stopped"] or None
+        self.steps = state["steps"]
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])

@@ -1,13 +1,15 @@
-"""One training recipe for both training stages: a network builder plus a list of phases.
+"""One recipe for both training stages: a network builder plus a list of phases, trained in the
+one loop (`engine.Trainer`).
 
 `stages/train.py` and `stages/transfer.py` say which network to build and how each phase
-optimises it. Everything else is here: the data they fit on (the augmented train split, the
-untouched val split), the MLflow run and its upstream runs, the checkpoint and its key, the
-trainer, and what a finished fit publishes (model folder, history, metrics, the logged model).
+optimises it. Everything else is here: the data they fit on (the train split of
+`data/augmented`, drawn through its augmentation policy; the untouched val split), the loop's
+options from the stage's params (`loop_options`), the checkpoint and its key, and what a
+finished fit publishes (model folder, history, metrics) and records.
 
 A private phase (`Phase.privacy`) trains with DP-SGD (privacy.py) the way the model table says
-(`models.ModelSpec.private`): the whole network in the trainer, on the un-augmented train split,
-or a linear head on the frozen backbone's features of every augmented view.
+(`models.ModelSpec.private`): the whole network on the original train images, or a linear
+head on the frozen backbone's features of each image's views.
 """
 
 from __future__ import annotations
@@ -22,25 +24,41 @@ import numpy as np
 import torch
 from torch import nn
 
-from cnnpipe import engine, layout, models, networks, plots, serving, store, tracking
-from cnnpipe.engine import EpochRecord, Trainer
+from cnnpipe import engine, layout, models, networks, rules, runtime, store
+from cnnpipe.engine import EpochRecord, LoopOptions, Trainer
 from cnnpipe.params import Params, PrivacyParams, TrainingParams
-from cnnpipe.store import Split
+from cnnpipe.recorder import Recorder
+
+# The learning rate a warm-up starts from, as a share of the phase's own.
+WARMUP_START = 0.1
 
 
 @dataclass(frozen=True)
 class Phase:
-    """Consecutive epochs trained with one optimiser and one learning-rate schedule."""
+    """Consecutive epochs trained with one optimiser and one learning-rate schedule: a linear
+    warm-up over `warmup_epochs`, then cosine decay to zero (`decay`) or constant."""
 
     name: str
     epochs: int
     # Makes the optimiser for the network; it also decides which parameters learn.
     optimizer: Callable[[nn.Module], torch.optim.Optimizer]
-    # Makes the schedule for that optimiser, stepped once per batch, over the phase's steps;
-    # None: a constant learning rate.
-    schedule: Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler] | None
+    warmup_epochs: int = 0
+    decay: bool = True
     # DP-SGD for these epochs (a private recipe is this one phase), or None.
     privacy: PrivacyParams | None = None
+
+    def schedule(self, optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+        """Stepped once per batch."""
+        sched = torch.optim.lr_scheduler
+        warmup = min(self.warmup_epochs, self.epochs - 1) * steps_per_epoch
+        rest = max(1, self.epochs * steps_per_epoch - warmup)
+        after = sched.CosineAnnealingLR(optimizer, rest) if self.decay else sched.ConstantLR(
+            optimizer, factor=1.0, total_iters=0
+        )
+        if not warmup:
+            return after
+        start = sched.LinearLR(optimizer, WARMUP_START, total_iters=warmup)
+        return sched.SequentialLR(optimizer, [start, after], milestones=[warmup])
 
 
 @dataclass(frozen=True)
@@ -62,38 +80,78 @@ class Recipe:
 
 
 @dataclass
-class Job:
-    """What a fit works with."""
-
-    recipe: Recipe
-    model: nn.Module  # freshly built
-    train: Split
-    val: Split
-    norm: engine.Normalisation
-    runtime: engine.Runtime
-    seed: int
-    checkpoint: engine.Checkpoint
-    mlrun: tracking.StageRun
-
-
-@dataclass
 class Fitted:
     """What a fit publishes."""
 
     model: nn.Module  # the best epoch's weights, in eval mode
     history: list[EpochRecord]
-    train_images: int  # the images it learnt from (an augmented copy is another image)
+    score: str  # the val score that chose the best epoch
+    train_images: int  # the images it learnt from
+    stopped: str | None = None  # why it stopped before its last epoch
     privacy: store.PrivacySpent | None = None  # a private fit: the ε it spent, at δ
 
+    @property
+    def best(self) -> EpochRecord:
+        return engine.best_epoch(self.history, self.score)
 
-def fit_data(recipe: Recipe) -> tuple[Split, Split, list[str]]:
-    """Train on the augmented train split, choose the best epoch on the untouched val split.
-    DP-SGD on the whole network trains on the un-augmented train split: each image one record
-    (an augmented copy counted as another record would halve the guarantee for its image)."""
-    source = layout.PREPARED if recipe.private_part == "whole" else layout.AUGMENTED
-    train = store.read_split(source, "train")
+
+@dataclass(frozen=True)
+class FitData:
+    """The splits a fit reads: train (with its augmentation), val, and the class names."""
+
+    train: store.Split
+    val: store.Split
+    classes: list[str]
+    augmentation: store.Augmentation
+
+
+def read_fit_data(recipe: Recipe) -> FitData:
+    """Train on `data/augmented`'s train split, choose the best epoch on the untouched val
+    split. DP-SGD on the whole network trains on the original images only: each image one
+    record (an offline augmented copy counted as another record would halve the guarantee for
+    its image)."""
+    augmentation = store.read_augmentation(layout.AUGMENTATION)
+    train = store.read_split(layout.AUGMENTED, "train")
+    if recipe.private_part == "whole":
+        train = augmentation.originals_of(train)
     val = store.read_split(layout.PREPARED, "val")
-    return train, val, store.read_classes(layout.PREPARED)
+    return FitData(train, val, store.read_classes(layout.PREPARED), augmentation)
+
+
+def loop_options(settings: TrainingParams, data: FitData, device, private: bool) -> LoopOptions:
+    """The loop's options from the stage's params, `auto` resolved by `rules`; what DP-SGD
+    excludes (privacy.py) left out when `private`."""
+    classes, labels = len(data.classes), data.train.labels
+    imbalanced = rules.imbalanced(labels, classes)
+    weighted = settings.class_weights == "balanced" or (
+        settings.class_weights == "auto" and imbalanced
+    )
+    weights = None
+    if weighted and not private:
+        weights = torch.tensor(rules.balanced_class_weights(labels, classes), dtype=torch.float32)
+    spec = models.MODELS[settings.model]
+    return LoopOptions(
+        batch_size=settings.batch_size,
+        objective=engine.Objective(settings.label_smoothing, weights),
+        mixing=None if private else mixing(settings.mixup, settings.cutmix, classes),
+        ema_decay=settings.ema_decay,
+        patience=settings.patience,
+        score="balanced_accuracy" if imbalanced else "accuracy",
+        precision=runtime.precision(settings.precision, device, spec.fast_in_bf16_on_cpu),
+    )
+
+
+def mixing(mixup: float, cutmix: float, classes: int) -> Callable | None:
+    """torchvision's MixUp and CutMix (each batch one of them, by chance) at these Beta alphas;
+    None when both are 0."""
+    if not (mixup or cutmix):
+        return None
+    from torchvision.transforms import v2
+
+    units = max(classes, 2)
+    chosen = [v2.MixUp(alpha=mixup, num_classes=units)] if mixup else []
+    chosen += [v2.CutMix(alpha=cutmix, num_classes=units)] if cutmix else []
+    return chosen[0] if len(chosen) == 1 else v2.RandomChoice(chosen)
 
 
 def checkpoint(recipe: Recipe, logged_params: dict, fingerprints: dict) -> engine.Checkpoint:
@@ -102,151 +160,161 @@ def checkpoint(recipe: Recipe, logged_params: dict, fingerprints: dict) -> engin
     return engine.Checkpoint(recipe.target.checkpoint, hashlib.sha256(key.encode()).hexdigest())
 
 
-def epoch_logger(mlrun, private=None) -> Callable[[EpochRecord, float], None]:
+def epoch_logger(recorder: Recorder, private=None) -> Callable[[EpochRecord, float], bool]:
     """Logs each epoch to the stage's run; with `private` (a `privacy.PrivateFit`), the ε spent
-    so far too, also printed."""
+    so far too, also printed. Never asks the loop to stop."""
 
-    def log(record: EpochRecord, images_per_second: float) -> None:
+    def log(record: EpochRecord, images_per_second: float) -> bool:
         spent = {"epsilon": private.epsilon()} if private is not None else {}
         if spent:
             print(f"epoch {record.epoch}: ε spent {spent['epsilon']:.2f}", file=sys.stderr)
-        mlrun.log_epoch(vars(record) | spent, images_per_second)
+        recorder.log_epoch(vars(record) | spent, images_per_second)
+        return False
 
     return log
 
 
-def run(recipe: Recipe, params: Params) -> None:
+def run(recipe: Recipe, params: Params, recorder: Recorder) -> None:
     """Fit `recipe` phase by phase (resuming from a checkpoint), then publish the best epoch."""
     stage, settings = recipe.target.stage, recipe.settings
-    logged = layout.stage_params(stage, params)
     fingerprints = {
         "prepare": store.fingerprint(layout.PREPARED),
         "augment": store.fingerprint(layout.AUGMENTED),
     }
-    upstream = tracking.find_runs(params.tracking.experiment, fingerprints)
-    runtime = engine.start_runtime(settings.device)
-    with tracking.stage_run(
-        stage,
-        params.tracking.experiment,
-        logged,
-        model=settings.model,
-        upstream=upstream,
-        system_metrics=True,
-    ) as mlrun:
-        train, val, classes = fit_data(recipe)
-        mlrun.log_splits(
-            {"train": train, "val": val}, classes, fingerprints["prepare"], params.data.source
-        )
-        engine.make_deterministic(params.seed, settings.deterministic, runtime.device)
-        model = recipe.build(len(classes))
-        mean, std = networks.normalisation(settings.model)
-        job = Job(
-            recipe,
-            model,
-            train,
-            val,
-            engine.Normalisation(mean, std),
-            runtime,
-            params.seed,
-            checkpoint(recipe, logged, fingerprints),
-            mlrun,
-        )
-        fitted = fit_head(job) if recipe.private_part == "head" else fit_phases(job)
-        if runtime.is_main:
-            meta = store.ModelMeta(
-                architecture=settings.model,
-                classes=classes,
-                image_size=params.data.image_size,
-                mean=mean,
-                std=std,
-                best_epoch=engine.best_epoch(fitted.history).epoch,
-                privacy=fitted.privacy,
-                **recipe.meta,
-            )
-            publish(fitted, recipe.target, meta, mlrun)
-    engine.stop_runtime(runtime)
-
-
-def fit_phases(job: Job) -> Fitted:
-    """Train the network phase by phase in the trainer; a private phase with DP-SGD."""
-    phases = job.recipe.phases
-    trainer = Trainer(
-        job.model,
-        job.train,
-        job.val,
-        job.norm,
-        job.runtime,
-        job.recipe.settings.batch_size,
-        job.seed,
-        sum(phase.epochs for phase in phases),
-        job.checkpoint,
+    where = runtime.start_runtime(settings.device)
+    data = read_fit_data(recipe)
+    recorder.log_splits(
+        {"train": data.train, "val": data.val},
+        data.classes,
+        fingerprints["prepare"],
+        params.data.source,
     )
-    until, private = 0, None
-    for phase in phases:
+    runtime.make_deterministic(params.seed, settings.deterministic, where.device)
+    model = recipe.build(len(data.classes))
+    norm = engine.Normalisation(*networks.normalisation(settings.model))
+    options = loop_options(settings, data, where.device, recipe.privacy is not None)
+    job = Job(
+        recipe,
+        model,
+        data,
+        norm,
+        options,
+        where,
+        params.seed,
+        checkpoint(recipe, layout.stage_params(stage, params), fingerprints),
+        recorder,
+    )
+    fitted = fit_head(job) if recipe.private_part == "head" else fit_network(job)
+    if where.is_main:
+        meta = store.ModelMeta(
+            architecture=settings.model,
+            classes=data.classes,
+            image_size=data.train.images.shape[1],
+            mean=norm.mean,
+            std=norm.std,
+            best_epoch=fitted.best.epoch,
+            privacy=fitted.privacy,
+            precision=options.precision,
+            **recipe.meta,
+        )
+        publish(fitted, recipe.target, meta, recorder)
+    runtime.stop_runtime(where)
+
+
+@dataclass
+class Job:
+    """What a fit works with."""
+
+    recipe: Recipe
+    model: nn.Module  # freshly built
+    data: FitData
+    norm: engine.Normalisation
+    options: LoopOptions
+    where: runtime.Runtime
+    seed: int
+    checkpoint: engine.Checkpoint
+    recorder: Recorder
+
+
+
+def fit_network(job: Job) -> Fitted:
+    """Train the network phase by phase; a private phase with DP-SGD."""
+    augmentation = job.data.augmentation
+    trainer = Trainer.on_images(
+        job.model,
+        (job.data.train, job.data.val),
+        job.norm,
+        job.where,
+        job.options,
+        job.seed,
+        sum(phase.epochs for phase in job.recipe.phases),
+        job.checkpoint,
+        augmentation.policy() if augmentation.on_the_fly else None,
+    )
+    train, phases, private = trainer.train, job.recipe.phases, None
+    until = 0
+    for number, phase in enumerate(phases, 1):
         until += phase.epochs
         # A phase the checkpoint has finished needs no optimiser (the first one built imports
         # torch._dynamo: seconds); a private one is resumed all the same, for the ε it spent.
-        if not phase.epochs or (len(trainer.history) >= until and not phase.privacy):
+        finished = len(trainer.history) >= until or trainer.stopped
+        if not phase.epochs or (finished and not phase.privacy):
             continue
         optimizer = phase.optimizer(job.model)
         if phase.privacy:
-            dp = _privacy()
-            private = dp.make_private(
-                job.model,
-                optimizer,
-                train_size=len(job.train),
-                privacy=phase.privacy,
-                seed=job.seed,
-            )
+            private = _make_private(job.model, optimizer, len(train), phase, job.seed)
         steps = private.steps_per_epoch if private else trainer.steps_per_epoch()
-        schedule = phase.schedule(optimizer, phase.epochs * steps) if phase.schedule else None
-        trainer.on_epoch = epoch_logger(job.mlrun, private)
-        trainer.run(optimizer, until, schedule, phase=phase.name, private=private)
+        trainer.on_epoch = epoch_logger(job.recorder, private)
+        last = number == len(phases)
+        trainer.run(optimizer, until, phase.schedule(optimizer, steps), phase.name, private, last)
     spent = store.PrivacySpent(epsilon=private.epsilon(), delta=private.delta) if private else None
-    return Fitted(trainer.best_model(), trainer.history, len(job.train), spent)
+    return Fitted(
+        trainer.best_model(), trainer.history, job.options.score, len(train), trainer.stopped, spent
+    )
 
 
-def _privacy():
-    """privacy.py, imported when a fit is private: Opacus takes seconds to import."""
+def _make_private(model: nn.Module, optimizer, train_size: int, phase: Phase, seed: int):
+    """privacy.py is imported only for a private fit: Opacus takes seconds to import."""
     from cnnpipe import privacy
 
-    return privacy
+    return privacy.make_private(
+        model, optimizer, train_size=train_size, privacy=phase.privacy, seed=seed
+    )
 
 
 def fit_head(job: Job) -> Fitted:
-    """DP-SGD on a new linear head over the frozen backbone's features, computed once: for
-    each train image, its augmented copies are its views (`privacy.by_image`)."""
-    dp = _privacy()
-    model, device = job.model, job.runtime.device
-    images = len(store.read_split(layout.PREPARED, "train"))
-    features = dp.head_features(model, job.train.images, job.norm, device)
-    train = (dp.by_image(features, len(job.train) // images), job.train.labels[:images])
-    val = (dp.head_features(model, job.val.images, job.norm, device), job.val.labels)
+    """DP-SGD on a new linear head over the frozen backbone's features, computed once for each
+    train image's views (the original and its offline augmented copies, `Augmentation`)."""
+    from cnnpipe import privacy
+
+    model, device = job.model, job.where.device
+    train_rows = privacy.head_features(model, job.data.train.images, job.norm, device)
+    features = job.data.augmentation.views_by_image(train_rows)
+    labels = job.data.augmentation.originals_of(job.data.train).labels
+    val = engine.FeatureInputs(
+        privacy.head_features(model, job.data.val.images, job.norm, device), job.data.val.labels
+    )
+    head = privacy.CenteredHead(model.head.cpu(), val.features.mean(dim=0))
+    train = engine.FeatureInputs(features, labels)
     (phase,) = job.recipe.phases
-    head = model.head.cpu()
+    cpu = runtime.Runtime(torch.device("cpu"))
+    trainer = Trainer(head, train, val, cpu, job.options, job.seed, phase.epochs, job.checkpoint)
     optimizer = phase.optimizer(head)
-    private = dp.make_private(
-        head, optimizer, train_size=images, privacy=phase.privacy, seed=job.seed
-    )
-    schedule = phase.schedule(optimizer, phase.epochs * private.steps_per_epoch)
-    history = dp.fit_head(
-        private,
-        optimizer,
-        schedule,
-        train,
-        val,
-        phase.epochs,
-        job.checkpoint,
-        epoch_logger(job.mlrun, private),
-    )
+    private = _make_private(head, optimizer, len(train), phase, job.seed)
+    trainer.on_epoch = epoch_logger(job.recorder, private)
+    schedule = phase.schedule(optimizer, private.steps_per_epoch)
+    trainer.run(optimizer, phase.epochs, schedule, phase.name, private)
+    trainer.best_model().folded()
     spent = store.PrivacySpent(epsilon=private.epsilon(), delta=private.delta)
-    return Fitted(model.cpu().eval(), history, len(job.train), spent)
+    return Fitted(
+        model.cpu().eval(), trainer.history, job.options.score, len(train), trainer.stopped, spent
+    )
 
 
-def publish(fitted: Fitted, target: layout.TrainedModel, meta: store.ModelMeta, mlrun) -> None:
-    """Write the best epoch's model folder, the history (a DVC plot) and the metrics, and log
-    them with the model to the stage's MLflow run."""
-    best = engine.best_epoch(fitted.history)
+def publish(fitted: Fitted, target: layout.TrainedModel, meta: store.ModelMeta, recorder) -> None:
+    """Write the best epoch's model folder, the history (a DVC plot) and the metrics, and
+    record them with the model in the stage's MLflow run."""
+    best = fitted.best
     store.write_model_folder(target.folder, fitted.model.cpu().state_dict(), meta)
     rows = engine.history_rows(fitted.history)
     store.write_csv(target.history, rows)
@@ -254,25 +322,32 @@ def publish(fitted: Fitted, target: layout.TrainedModel, meta: store.ModelMeta, 
     spent = fitted.privacy.model_dump() if fitted.privacy else {}
     store.write_json_atomic(target.metrics, best_metrics | spent)
 
-    mlrun.set_fingerprint(store.fingerprint(target.folder))
-    mlrun.log_metrics(best_metrics | {k: v for k, v in spent.items() if k != "epsilon"})
+    recorder.log_metrics(best_metrics | {k: v for k, v in spent.items() if k != "epsilon"})
     if fitted.privacy:  # at the last epoch, where the per-epoch values end (a resumed run too)
-        mlrun.log_metrics({"epsilon": fitted.privacy.epsilon}, step=len(fitted.history))
-    figure = plots.learning_curves(rows, f"{target.name} ({meta.architecture})")
-    mlrun.log_figure(figure, "learning_curves.png")
-    plots.close(figure)
+        recorder.log_metrics({"epsilon": fitted.privacy.epsilon}, step=len(fitted.history))
+    recorder.log_learning_curves(rows, f"{target.name} ({meta.architecture})")
     examples = np.array(store.read_split(layout.PREPARED, "val").images[:4])
-    mlrun.log_model(lambda: serving.log_model(target, examples))
+    recorder.log_model(target, examples)
+    recorder.describe(_description(fitted, target, meta))
+    print(
+        f"best epoch {best.epoch}: val {fitted.score.replace('_', ' ')} "
+        f"{getattr(best, engine.SCORES[fitted.score]):.4f}; wrote {target.folder}"
+    )
+
+
+def _description(fitted: Fitted, target: layout.TrainedModel, meta: store.ModelMeta) -> str:
+    best = fitted.best
     guarantee = (
         f"; differentially private, ε = {fitted.privacy.epsilon:.2f} at δ = "
         f"{fitted.privacy.delta:.2g}"
         if fitted.privacy
         else ""
     )
-    mlrun.describe(
-        f"The **{target.name}** model: `{meta.architecture}`, {len(fitted.history)} epochs "
-        f"on {fitted.train_images} training images{guarantee}; best val accuracy "
-        f"{best.val_accuracy:.4f} at epoch {best.epoch}. Written to `{target.folder}`, logged "
-        f"as `{serving.logged_name(target, meta)}`; evaluate adds its test results."
+    stopped = f" ({fitted.stopped})" if fitted.stopped else ""
+    return (
+        f"The **{target.name}** model: `{meta.architecture}` at {meta.image_size} px in "
+        f"{meta.precision}, {len(fitted.history)} epochs{stopped} on {fitted.train_images} "
+        f"training images{guarantee}; best val {fitted.score.replace('_', ' ')} "
+        f"{getattr(best, engine.SCORES[fitted.score]):.4f} at epoch {best.epoch}. Written to "
+        f"`{target.folder}`; evaluate adds its test results."
     )
-    print(f"best epoch {best.epoch}: val accuracy {best.val_accuracy:.4f}; wrote {target.folder}")

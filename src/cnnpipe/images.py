@@ -225,3 +225,15 @@ def _accepts(accept, prefix: bytes) -> bool:
     except Exception:
         return False
     return bool(verdict) and not isinstance(verdict, str)  # a str is Pillow's warning text
+
+
+def shorter_side(path: Path) -> int | None:
+    """The shorter side of the image file at `path`, read from its header; None when the file
+    is no image this module decodes (prepare says why when it decodes it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with Image.open(path, formats=FORMATS) as image:
+                return min(image.size)
+        except Exception:
+            return None

@@ -1,8 +1,10 @@
-"""Where every stage reads and writes, and which params it reads.
+"""The stage table: every stage's name, code, params, inputs and outputs.
 
-This table is the one place for those facts: stages import their paths from here (never from
-each other), each stage logs exactly its params to MLflow and keys its checkpoint by them
-(`stage_params`), and `tests/test_layout.py` checks `dvc.yaml` against it, code deps included.
+This table is the one place for those facts. Stages import their paths from here (never from
+each other); the stage runner (`cli.py`) opens each stage's MLflow run from it: its name, the
+params it logs (`stage_params`), the upstream runs (`upstream`) and the outputs whose
+fingerprint identifies the run. `dvc.yaml` is checked against it by `tests/test_layout.py`,
+code deps included (the modules a stage imports that can change its outputs).
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ PARAMS_FILE = Path("params.yaml")
 PRESETS = Path("presets")  # named sets of overrides, e.g. presets/tiny.yaml
 PREPARED = Path("data/prepared")
 AUGMENTED = Path("data/augmented")
+AUGMENTATION = AUGMENTED / "augmentation.json"  # the policy and the train split's layout
 PREPARE_REPORT = Path("reports/prepare.json")
 EVALUATION = Path("reports/evaluate")
 FIGURES = Path("reports/figures")
 REPORT = Path("reports/report.md")
 CHECKPOINTS = Path("checkpoints")
+CHOSEN = EVALUATION / "chosen.json"  # the model evaluate chose, as the registry receives it
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,12 @@ class Stage:
     """A DVC stage as `dvc.yaml` must declare it. `params` are `params.yaml` keys (a whole
     section or `section.key`); `deps` the data it reads (its code deps follow from its
     imports); `outs` what DVC caches, `committed` the small files kept in git
-    (`cache: false`) so a fresh clone has a baseline to compare against."""
+    (`cache: false`) so a fresh clone has a baseline to compare against.
+
+    For its MLflow run: `identity` are the outputs whose fingerprint tags the run (a later
+    stage that reads them finds it by that); `model_param` names the param whose value
+    follows the stage's name in the run's name (`train-small_cnn`); `trains` asks for
+    system metrics (CPU, memory, GPU) while it runs."""
 
     name: str
     params: tuple[str, ...]
@@ -62,16 +71,34 @@ class Stage:
     outs: tuple[Path, ...] = ()
     committed: tuple[Path, ...] = ()
     persist: tuple[Path, ...] = ()
+    identity: tuple[Path, ...] = ()
+    model_param: str | None = None
+    trains: bool = False
+    # The module whose `run(params, recorder)` is the stage (default cnnpipe.stages.<name>);
+    # one outside `cnnpipe.stages` is MLflow's own and makes its run itself: `run(params)`.
+    module: str = ""
+
+    @property
+    def entry(self) -> str:
+        return self.module or f"cnnpipe.stages.{self.name}"
+
+    @property
+    def recorded(self) -> bool:
+        """Whether the runner opens its MLflow run and hands it a recorder."""
+        return self.entry.startswith("cnnpipe.stages.")
 
 
 def _training(model: TrainedModel) -> Stage:
     return Stage(
         model.stage,
-        params=("seed", "data.source", "data.image_size", model.stage),
+        params=("seed", "data.source", model.stage),
         deps=(PREPARED, AUGMENTED),
         outs=(model.folder,),
         committed=(model.metrics, model.history),
         persist=(CHECKPOINTS / model.stage,),
+        identity=(model.folder,),
+        model_param=f"{model.stage}.model",
+        trains=True,
     )
 
 
@@ -88,15 +115,16 @@ STAGES = {
                 "data.val_fraction",
                 "data.test_fraction",
                 "data.on_bad_image",
-                "tracking.log_images",
             ),
             outs=(PREPARED, PREPARE_REPORT),
+            identity=(PREPARED,),
         ),
         Stage(
             "augment",
-            params=("seed", "augment", "tracking.log_images"),
+            params=("seed", "data.source", "augment"),  # data.source: `augment.policy: auto`
             deps=(PREPARED,),
             outs=(AUGMENTED,),
+            identity=(AUGMENTED,),
         ),
         _training(SCRATCH),
         _training(TRANSFER),
@@ -106,7 +134,6 @@ STAGES = {
                 "seed",  # draws the membership audit's members and non-members
                 "data.source",
                 "evaluate",
-                "tracking.registered_model",
                 "tracking.log_images",
             ),
             deps=(
@@ -117,25 +144,42 @@ STAGES = {
             ),
             committed=(
                 EVALUATION / "metrics.json",
+                CHOSEN,
                 EVALUATION / "per_class.csv",
                 *(EVALUATION / f"predictions_{m.name}.csv" for m in TRAINED),
                 FIGURES,
                 REPORT,
             ),
+            identity=(EVALUATION / "metrics.json", CHOSEN, REPORT),
         ),
-        # No outputs: DVC's run-cache never restores it, so it runs once for every `dvc repro`
-        # or `dvc exp run` that changed any param or result, cached stages or not.
+        # MLflow's side of the pipeline: the pipeline run and the registry (record.py). No
+        # outputs, so DVC's run-cache never restores it: it runs once for every `dvc repro` or
+        # `dvc exp run` that changed any param or result, cached stages or not.
         Stage(
             "record",
             params=("seed", "data", "augment", "train", "transfer", "evaluate", "tracking"),
-            deps=(*(m.metrics for m in TRAINED), EVALUATION / "metrics.json", REPORT),
+            deps=(
+                PREPARED,
+                *(m.metrics for m in TRAINED),
+                EVALUATION / "metrics.json",
+                CHOSEN,
+                REPORT,
+            ),
+            module="cnnpipe.record",
         ),
     )
 }
 
 
-# What identifies an evaluation: its scores and its report (with the latencies it measured).
-EVALUATED = (EVALUATION / "metrics.json", REPORT)
+
+
+def upstream(stage: Stage) -> list[Stage]:
+    """The stages whose identifying outputs `stage` reads: its MLflow run links to theirs."""
+    return [
+        other
+        for other in STAGES.values()
+        if other.identity and set(other.identity) <= set(stage.deps)
+    ]
 
 
 def stage_params(stage: str, params) -> dict[str, object]:
@@ -146,9 +190,7 @@ def stage_params(stage: str, params) -> dict[str, object]:
     flat: dict[str, object] = {}
     for key in STAGES[stage].params:
         section, _, field = key.partition(".")
-        value = getattr(params, section)
-        if field:
-            value = getattr(value, field)
+        value = param_value(params, key)
         if hasattr(value, "model_dump"):
             value = value.model_dump()
         for name, leaf in flatten(value, field or ("" if isinstance(value, dict) else section)):
@@ -156,6 +198,14 @@ def stage_params(stage: str, params) -> dict[str, object]:
                 raise ValueError(f"stage {stage} reads two params named '{name}'")
             flat[name] = leaf
     return flat
+
+
+def param_value(params, key: str) -> object:
+    """The value of a `params.yaml` key (`train.model`, `seed`) in the typed params."""
+    value = params
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def flatten(value: object, name: str = "") -> list[tuple[str, object]]:

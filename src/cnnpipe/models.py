@@ -30,6 +30,9 @@ class ModelSpec:
     #   head: DP-SGD on a new linear head over the frozen ImageNet backbone's features
     #   None: it cannot
     private: Literal["whole", "head"] | None = None
+    # Trains faster in bf16 than in fp32 on a CPU with AMX or AVX-512 BF16 (measured,
+    # docs/benchmarks.md); `precision: auto` uses bf16 there only for these.
+    fast_in_bf16_on_cpu: bool = False
     summary: str = ""
 
     @property
@@ -52,6 +55,7 @@ MODELS: dict[str, ModelSpec] = {
         "train",
         "cnnpipe:small_cnn",
         private="whole",
+        fast_in_bf16_on_cpu=True,
         summary="five 3x3 conv + batch-norm layers, global pooling",
     ),
     "efficientnet_lite0": ModelSpec(

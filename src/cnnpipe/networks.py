@@ -37,12 +37,34 @@ def predicted_classes(logits: torch.Tensor) -> torch.Tensor:
     return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(dim=1)
 
 
-def loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    reduction: str = "mean",
+    *,
+    label_smoothing: float = 0.0,
+    class_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-entropy for either head convention. `labels` are class indices (N), or class
+    probabilities (N x classes: mixed images, `engine.Mixing`); `class_weights` (one per class)
+    weigh each image's term by its class, `label_smoothing` moves that share of each target
+    to the uniform distribution."""
     if logits.shape[1] == 1:
+        positive = labels[:, 1] if labels.dim() == 2 else labels.float()
+        positive = positive * (1 - label_smoothing) + label_smoothing / 2
+        weight = None
+        if class_weights is not None:
+            weight = class_weights[0] * (1 - positive) + class_weights[1] * positive
         return F.binary_cross_entropy_with_logits(
-            logits[:, 0].float(), labels.float(), reduction=reduction
+            logits[:, 0].float(), positive.float(), weight=weight, reduction=reduction
         )
-    return F.cross_entropy(logits.float(), labels, reduction=reduction)
+    return F.cross_entropy(
+        logits.float(),
+        labels,
+        weight=class_weights,
+        label_smoothing=label_smoothing,
+        reduction=reduction,
+    )
 
 
 class FlattenHWC(nn.Module):
@@ -265,6 +287,22 @@ def normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
         preset = torchvision.models.get_model_weights(spec.source_name).DEFAULT.transforms()
         return tuple(preset.mean), tuple(preset.std)
     return SCRATCH_MEAN_STD
+
+
+def pretrained_size(name: str) -> int:
+    """The image size the model's ImageNet weights were trained at, from the source's own
+    metadata (timm's `pretrained_cfg`, torchvision's weights transforms)."""
+    spec = MODELS[name]
+    if spec.library == "timm":
+        import timm
+
+        return int(timm.get_pretrained_cfg(spec.source_name).input_size[-1])
+    if spec.library == "torchvision":
+        import torchvision
+
+        preset = torchvision.models.get_model_weights(spec.source_name).DEFAULT.transforms()
+        return int(preset.crop_size[0])
+    raise ValueError(f"{name} is not pretrained")
 
 
 def load_trained(folder: Path) -> tuple[nn.Module, store.ModelMeta]:

@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from cnnpipe import layout, models
 from cnnpipe.errors import UserError
@@ -24,13 +32,24 @@ SOURCE_PATTERN = re.compile(
 Device = Literal["auto", "cpu", "cuda"]
 
 
+def size_or_auto(low: int, high: int):
+    """A size in pixels from `low` to `high`, or `auto` (resolved by a stage, rules.py)."""
+
+    def check(value: object) -> int | str:
+        if value != "auto" and not (type(value) is int and low <= value <= high):
+            raise ValueError(f"must be auto or a whole number from {low} to {high}")
+        return value
+
+    return Annotated[object, AfterValidator(check)]
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class DataParams(Section):
     source: str
-    image_size: int = Field(ge=8, le=512)
+    image_size: size_or_auto(8, 512)  # auto: rules.working_size
     val_fraction: float = Field(gt=0, lt=0.5)
     test_fraction: float = Field(gt=0, lt=0.5)
     on_bad_image: Literal["skip", "fail"]
@@ -48,10 +67,11 @@ class DataParams(Section):
 
 
 class AugmentParams(Section):
+    policy: Literal["auto", "photo", "document", "texture"]
+    on_the_fly: bool
     copies: int = Field(ge=0, le=50)
     rotate_limit: float = Field(ge=0, le=180)
     rotate_p: float = Field(ge=0, le=1)
-    hflip_p: float = Field(ge=0, le=1)
     shift_limit: float = Field(ge=0, le=0.5)
     scale_limit: float = Field(ge=0, le=0.5)
     shift_scale_p: float = Field(ge=0, le=1)
@@ -90,6 +110,14 @@ class TrainingParams(Section):
     device: Device
     deterministic: bool
     nproc: int = Field(ge=1, le=1024)
+    warmup_epochs: int = Field(ge=0, le=1000)
+    label_smoothing: float = Field(ge=0, lt=0.5)
+    class_weights: Literal["auto", "balanced", "none"]
+    mixup: float = Field(ge=0, le=10)
+    cutmix: float = Field(ge=0, le=10)
+    ema_decay: float = Field(ge=0, lt=1)
+    patience: int = Field(ge=0, le=1000)
+    precision: Literal["auto", "fp32", "bf16"]
     privacy: PrivacyParams
 
     @field_validator("model")
@@ -126,7 +154,7 @@ class TrainParams(TrainingParams):
 class TransferParams(TrainingParams):
     STAGE: ClassVar[str] = "transfer"
     weights: Literal["imagenet", "none"]
-    input_size: int = Field(ge=16, le=512)
+    input_size: size_or_auto(16, 512)  # auto: rules.transfer_input_size
     frozen_epochs: int = Field(ge=0, le=1000)
     backbone_lr: float = Field(gt=0, le=1)
 
@@ -141,7 +169,8 @@ class TransferParams(TrainingParams):
 
 class EvaluateParams(Section):
     batch_size: int = Field(ge=1, le=65536)
-    select_metric: Literal["accuracy", "macro_f1", "roc_auc"]
+    select_metric: Literal["auto", "accuracy", "macro_f1", "roc_auc"]  # auto: rules.imbalanced
+    tta: Literal["none", "hflip"]
     gradcam_images: int = Field(ge=0, le=64)
     misclassified_images: int = Field(ge=0, le=64)
 

@@ -6,12 +6,19 @@ same four pieces: per-image gradients (`GradSampleModule`), clipping and Gaussia
 (`DPOptimizer`), Poisson sampling (`UniformWithReplacementSampler`, whose batches here are index
 arrays) and the accountant that turns noise, sampling rate and steps into the ε spent.
 
-The model table (`models.ModelSpec.private`) says which of two recipes a model follows:
-- whole: every weight of a scratch network learns, in `engine.Trainer` (`Trainer.run(...,
-  private=make_private(...))`), on the un-augmented train split: an augmented copy of an image
-  is the same person's data, and counted as another record it would weaken the guarantee;
-- head: a new linear head learns on the frozen ImageNet backbone's features (`fit_head`), each
-  image's gradient averaged over its augmented copies before it is clipped.
+Both recipes train in the one loop, `engine.Trainer` (`Trainer.run(...,
+private=make_private(...))`); the model table (`models.ModelSpec.private`) says which a model
+follows:
+- whole: every weight of a scratch network learns, on the train split's original images (an
+  offline augmented copy of an image is the same person's data: counted as another record it
+  would weaken the guarantee), each drawn through the augmentation policy when sampled;
+- head: a new linear head (`CenteredHead`) learns on the frozen ImageNet backbone's features
+  of each train image's views (`head_features`: the original and its offline augmented copies),
+  each image's gradient averaged over its views before it is clipped.
+
+Not with DP-SGD, and why: mixup / cutmix (a mixed image holds two people's data, so one
+gradient would carry two records), class weights (computed from the private labels),
+DistributedDataParallel (Opacus's per-image gradients are computed in one process here).
 
 Reproducible, not secure: the batches and the noise come from generators seeded by the
 pipeline's `seed`, so two runs with the same seed write the same weights. The guarantee
@@ -23,9 +30,8 @@ Gaussian draws per noise value against floating-point attacks, and makes every r
 
 from __future__ import annotations
 
-import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +44,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from cnnpipe import engine, networks
+from cnnpipe import engine
 from cnnpipe.errors import UserError
 from cnnpipe.networks import TransferNet
 from cnnpipe.params import PrivacyParams
@@ -193,39 +199,6 @@ def make_private(
     )
 
 
-def train_epoch(
-    fit: PrivateFit,
-    inputs: Callable[[np.ndarray], torch.Tensor],
-    labels: torch.Tensor,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-) -> tuple[float, float]:
-    """One epoch of DP-SGD over `fit.batches()` for a head on features: (mean loss, accuracy)
-    over the images drawn. (Networks trained on images go through `engine.Trainer` instead.)
-
-    `inputs(index)` returns the head's input for those images. Logits of shape images x views
-    x outputs (several augmented views of each image, `by_image`) train on the mean loss over
-    the views: each image's gradient is averaged over its views before it is clipped, so an
-    image still counts once (augmentation multiplicity, De et al. 2022)."""
-    fit.model.train()
-    loss_sum, correct, count = 0.0, 0.0, 0
-    for index in fit.batches():
-        logits = fit.model(inputs(index))
-        views = logits.shape[1] if logits.dim() == 3 else 1
-        logits = logits.reshape(-1, logits.shape[-1])
-        targets = labels[index].repeat_interleave(views)
-        batch_loss = networks.loss(logits, targets)
-        fit.optimizer.zero_grad(set_to_none=True)
-        batch_loss.backward()
-        fit.optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        if len(index):  # the mean loss of an empty batch is NaN
-            count += len(index)
-            loss_sum += batch_loss.item() * len(index)
-            correct += int((networks.predicted_classes(logits.detach()) == targets).sum()) / views
-    return loss_sum / max(count, 1), correct / max(count, 1)
-
-
 @torch.no_grad()
 def head_features(
     model: TransferNet,
@@ -249,75 +222,26 @@ def head_features(
     return torch.cat(captured)
 
 
-def by_image(rows: torch.Tensor, views: int) -> torch.Tensor:
-    """Rows in the augment stage's order (all originals, then all first copies, ...) as
-    images x views x ...: row i + k * images is view k of image i."""
-    return rows.reshape(views, -1, *rows.shape[1:]).transpose(0, 1)
+class CenteredHead(nn.Module):
+    """A linear head on features minus a fixed centre, starting at zero: the private head.
 
+    The centre is the val split's mean feature (val images are not training data, and the
+    best epoch is chosen on them anyway); centred, a zero head starts at the uniform
+    prediction and DP-SGD's noise has less to undo. `folded()` is the same function as a
+    plain linear layer on the features themselves, to put back in the network."""
 
-def _center_into_bias(head: nn.Linear, center: torch.Tensor) -> None:
-    """A head trained on `features - center` as one that takes the features themselves."""
-    with torch.no_grad():
-        head.bias -= head.weight @ center
-
-
-def fit_head(
-    fit: PrivateFit,
-    optimizer: torch.optim.Optimizer,
-    schedule: torch.optim.lr_scheduler.LRScheduler,
-    train: tuple[torch.Tensor, np.ndarray],
-    val: tuple[torch.Tensor, np.ndarray],
-    epochs: int,
-    checkpoint: engine.Checkpoint | None = None,
-    on_epoch: Callable[[engine.EpochRecord, float], None] = lambda record, speed: None,
-) -> list[engine.EpochRecord]:
-    """Train a linear head (`fit`, made by `make_private` around the head and `optimizer`) with
-    DP-SGD on frozen pretrained features (`head_features`): the recipe behind the strongest
-    private image classifiers (Tramèr & Boneh, 2021). The public backbone does the heavy
-    lifting; the private part has few parameters to add noise to. Returns the history.
-
-    `train` is (features, labels): images x views x features, the views being augmented copies
-    of each image (`by_image`), whose gradients are averaged per image. `val` is (features,
-    labels) of the val split, whose mean feature centres all features (val images are not
-    training data, and the best epoch is chosen on them anyway); the head starts at zero. After
-    each epoch `on_epoch(record, images per second)` is called and `checkpoint` saved; a
-    checkpoint is resumed from. The best epoch's weights are left in the head, the centring
-    folded into its bias, so it takes the plain features like the head it replaces."""
-    head = fit.network
-    center = val[0].mean(dim=0)
-    train_x, val_x = train[0] - center, val[0] - center
-    train_y, val_y = torch.from_numpy(train[1]), torch.from_numpy(val[1])
-    parts = {"head": head, "optimizer": optimizer, "schedule": schedule, "private": fit}
-    history, best_state = [], None
-    with torch.no_grad():
-        head.weight.zero_()
-        head.bias.zero_()
-    saved = checkpoint.load() if checkpoint else None
-    if saved:
-        for name, part in parts.items():
-            part.load_state_dict(saved[name])
-        history = [engine.EpochRecord(**row) for row in saved["history"]]
-        best_state = saved["best_state"]
-    for epoch in range(len(history) + 1, epochs + 1):
-        started = time.perf_counter()
-        train_loss, train_accuracy = train_epoch(fit, train_x.__getitem__, train_y, schedule)
-        seconds = time.perf_counter() - started
+    def __init__(self, head: nn.Linear, center: torch.Tensor):
+        super().__init__()
+        self.linear = head
+        self.register_buffer("center", center)
         with torch.no_grad():
-            logits = head(val_x)
-        val_accuracy = (networks.predicted_classes(logits) == val_y).double().mean().item()
-        val_loss = networks.loss(logits, val_y).item()
-        history.append(
-            engine.EpochRecord(epoch, train_loss, train_accuracy, val_loss, val_accuracy)
-        )
-        if history[-1] is engine.best_epoch(history):
-            best_state = {name: value.clone() for name, value in head.state_dict().items()}
-        engine.print_epoch(history[-1], epochs, len(train_y) / seconds, seconds * (epochs - epoch))
-        on_epoch(history[-1], len(train_y) / seconds)
-        if checkpoint:
-            state = {name: part.state_dict() for name, part in parts.items()}
-            checkpoint.save(
-                state | {"history": engine.history_rows(history), "best_state": best_state}
-            )
-    head.load_state_dict(best_state)
-    _center_into_bias(head, center)
-    return history
+            head.weight.zero_()
+            head.bias.zero_()
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(features - self.center)
+
+    def folded(self) -> nn.Linear:
+        with torch.no_grad():
+            self.linear.bias -= self.linear.weight @ self.center
+        return self.linear

@@ -3,7 +3,7 @@
 A model is registered from the run that trained it. The alias `champion` moves to a new
 version only when it beats the current champion on the same test data (by the champion's
 version tags when they were measured on data with the same hash, else measured afresh), and
-the whole decision is taken under a lock, so evaluates that finish together take turns.
+the whole decision is taken under a lock, so records that finish together take turns.
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ class Candidate:
 
 @contextlib.contextmanager
 def champion_gate() -> Iterator[None]:
-    """Held while evaluate registers a model and decides who holds the champion alias.
+    """Held while record registers a model and decides who holds the champion alias.
 
     Experiments that finish together (`dvc queue start -j 2`) would otherwise both find no
     champion and both create the alias (a unique-constraint error in the registry), or both
-    compare against the same old champion. This orders the evaluates of one repository (queue
+    compare against the same old champion. This orders the records of one repository (queue
     copies included); machines that share only a tracking server are not ordered by it.
     """
     root = tracking.repo_root()
@@ -154,8 +154,8 @@ def champion_uri(registered_model: str) -> str:
     """The champion's model URI, or a clear error when there is none yet."""
     if champion(registered_model) is None:
         raise UserError(
-            f"no champion of '{registered_model}' in {tracking.tracking_uri()}: the evaluate "
-            "stage registers one when `dvc repro` runs it (a fresh clone's first repro skips "
-            "it; then run `dvc repro -f -s evaluate record`), or pass --model models/scratch"
+            f"no champion of '{registered_model}' in {tracking.tracking_uri()}: the record "
+            "stage registers one when `dvc repro` runs it (a fresh clone's first repro may "
+            "skip it; then run `dvc repro -f -s record`), or pass --model models/scratch"
         )
     return f"models:/{registered_model}@{CHAMPION}"

@@ -126,7 +126,6 @@ def render(
     results: list[ModelResult],
     chosen: ModelResult,
     select_metric: str,
-    registry_note: str,
     data: str,
     device: str,
 ) -> str:
@@ -142,7 +141,8 @@ def render(
         f"({_shown('{:.4f}', chosen.scores[select_metric])}, against {others}); ties go to the "
         "model with fewer parameters.",
         "",
-        f"Registry: {registry_note}",
+        "The record stage registers it in MLflow and moves the `champion` alias to it when it "
+        "beats the current champion on the same test data.",
         "",
         "## Side by side",
         "",
@@ -160,14 +160,13 @@ def render(
     return "\n".join(lines) + "\n"
 
 
-def summary(results: list[ModelResult], chosen: ModelResult, registry_note: str) -> str:
-    """What evaluate prints: both test accuracies, the chosen model, the registry decision."""
+def summary(results: list[ModelResult], chosen: ModelResult) -> str:
+    """What evaluate prints: both test accuracies and the chosen model."""
     scores = ", ".join(f"{r.name} ({r.architecture}) {r.scores['accuracy']:.4f}" for r in results)
     return "\n".join(
         [
             f"test accuracy: {scores}",
             f"chosen: {chosen.name} ({chosen.architecture})",
-            f"registry: {registry_note}",
             "report: reports/report.md (figures in reports/figures/)",
         ]
     )

@@ -120,6 +120,16 @@ class ImageClassifier:
         return prediction_table(self.probabilities(batch), self.meta.classes)
 
 
+def at_size(pixels: np.ndarray, classifier: ImageClassifier) -> np.ndarray:
+    """uint8 images (N x H x W x 3) at the classifier's own image size, resized the way its
+    training images were prepared (`images.from_pixels`), so that a model is always scored on
+    images prepared as it was trained."""
+    size = classifier.meta.image_size
+    if pixels.shape[1:3] == (size, size):
+        return np.asarray(pixels)
+    return np.stack([images.from_pixels(image, size) for image in pixels])
+
+
 def _load_pyfunc(data_path: str) -> ImageClassifier:
     """MLflow's entry point for this model flavour (`loader_module: cnnpipe.serving`): the
     model is code of this package plus data, never a pickle."""
@@ -138,12 +148,15 @@ def logged_name(target: layout.TrainedModel, meta: store.ModelMeta) -> str:
     return f"{target.name}-{meta.architecture}"
 
 
-def log_model(target: layout.TrainedModel, example_images: np.ndarray) -> None:
+def log_model(target: layout.TrainedModel, example_images: np.ndarray | None) -> None:
     """Log `target`'s model folder to the active run as an MLflow model named after it
-    (`scratch-small_cnn`): loaded by this module, with an input example of PNG files."""
+    (`scratch-small_cnn`): loaded by this module, with an input example of PNG files made
+    from `example_images` (none when None: no picture of data leaves the machine)."""
     meta = store.read_model_meta(target.folder)
-    example = encoded(example_images)
-    example["image"] = [base64.b64encode(data).decode() for data in example["image"]]
+    example = None
+    if example_images is not None:
+        example = encoded(example_images)
+        example["image"] = [base64.b64encode(data).decode() for data in example["image"]]
     mlflow.pyfunc.log_model(
         name=logged_name(target, meta),
         loader_module=__name__,

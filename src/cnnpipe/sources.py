@@ -356,3 +356,24 @@ def _resized_chunks(pixels: np.ndarray, first_item: int, image_size: int) -> Ite
         squares = np.stack([images.from_pixels(image, image_size) for image in part])
         items = np.arange(first_item + start, first_item + start + len(part))
         yield Chunk(items, squares, len(part))
+
+
+# Native sizes, for `data.image_size: auto` (rules.working_size).
+
+BUILTIN_SIDES = {"digits": 8, "faces": 25}
+SIZE_SAMPLE = 1000  # files of a folder whose headers are read to measure its images
+
+
+def native_shorter_sides(source: str) -> list[int]:
+    """The shorter side of the source's images as stored: every image of a built-in or
+    torchvision set, or up to `SIZE_SAMPLE` files spread over an image folder (headers only;
+    files that cannot be read are left out, prepare lists them)."""
+    kind, _, argument = source.partition(":")
+    if kind == "builtin":
+        return [BUILTIN_SIDES[argument]]
+    if kind == "torchvision":
+        shape = np.asarray(_torchvision_part(argument, TORCHVISION_ROOT, train=True).data).shape
+        return [min(shape[1], shape[2])]
+    files = list_folder(Path(argument)).files
+    sample = files[:: max(1, len(files) // SIZE_SAMPLE)]
+    return [side for side in map(images.shorter_side, sample) if side]

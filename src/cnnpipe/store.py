@@ -16,6 +16,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -163,6 +164,11 @@ def read_split(folder: Path, split: str) -> Split:
     return Split(images, labels)
 
 
+def image_size(folder: Path) -> int:
+    """The side of the prepared images in `folder` (all splits share it)."""
+    return int(read_split(folder, "train").images.shape[1])
+
+
 def read_classes(folder: Path) -> list[str]:
     return list(read_json(folder / "classes.json"))
 
@@ -181,6 +187,50 @@ def fingerprint(*outputs: Path) -> str:
                 for chunk in iter(lambda: stream.read(1 << 20), b""):
                     digest.update(chunk)
     return digest.hexdigest()
+
+
+class Augmentation(BaseModel):
+    """What the augment stage wrote besides its train split (`augmentation.json`): the policy
+    the training stages draw train images through, and how that split is laid out.
+
+    The split holds each original train image, then `views - 1` offline augmented copies of
+    all of them, copy by copy: row `i + k * originals` is view `k` of image `i` (view 0 is the
+    original). Code that needs an image's views asks `views_by_image`, never the file order."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    policy_dict: dict  # albumentations' `A.to_dict` of the policy
+    on_the_fly: bool  # draw every train image through the policy each epoch
+    originals: int = Field(ge=1)
+    views: int = Field(ge=1)
+
+    def policy(self):
+        """The albumentations policy (seeded per epoch by the loop)."""
+        import albumentations as A
+
+        return A.from_dict(self.policy_dict)
+
+    def views_by_image(self, rows):
+        """Per-row values of the split (N x ...) as originals x views x ... ."""
+        if len(rows) != self.originals * self.views:
+            raise UserError(
+                f"the augmented train split has {len(rows)} rows, not {self.originals} images "
+                f"x {self.views} views: rerun the augment stage (dvc repro -f augment)"
+            )
+        return rows.reshape(self.views, self.originals, *rows.shape[1:]).transpose(0, 1)
+
+    def originals_of(self, split: Split) -> Split:
+        """The original images of the augmented train split (its first rows)."""
+        return Split(split.images[: self.originals], split.labels[: self.originals])
+
+
+def read_augmentation(path: Path) -> Augmentation:
+    try:
+        return Augmentation.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        raise UserError(f"{path} not found: run the augment stage (dvc repro augment)") from None
+    except ValidationError as err:
+        raise UserError(f"{path}: {err.errors()[0]['msg']} (rerun dvc repro augment)") from None
 
 
 class PrivacySpent(BaseModel):
@@ -204,6 +254,7 @@ class ModelMeta(BaseModel):
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     best_epoch: int = Field(ge=1)
+    precision: Literal["fp32", "bf16"] = "fp32"  # what it was trained in
     # trained with DP-SGD (scratch models are then built without batch norm, networks.build)
     privacy: PrivacySpent | None = None
 

@@ -36,11 +36,14 @@ from mlflow.entities import Metric, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cnnpipe import layout
+from cnnpipe import layout, store
 from cnnpipe.errors import UserError
 
 if TYPE_CHECKING:
+    import numpy as np
     from matplotlib.figure import Figure
+
+    from cnnpipe.params import Params
 
 STAGE_TAG = "cnnpipe.stage"
 FINGERPRINT_TAG = "cnnpipe.fingerprint"
@@ -257,17 +260,19 @@ def execution_tags() -> dict[str, str]:
 
 
 class StageRun:
-    """The active MLflow run of one stage execution. With `log_images` off, pictures that
-    show data (`log_data_figure`) are not logged; aggregate pictures (`log_figure`) are.
+    """The active MLflow run of one stage execution: the `recorder.Recorder` a stage gets.
+    With `log_images` off, nothing that shows data is logged (samples, previews, the model's
+    input example); pictures of numbers (`log_figure`) are.
 
     Every call, starting the run included, goes through `_send`: once the tracking server is
     lost, nothing more is sent (no waiting on retries each epoch); what was not sent is listed
     in warnings instead."""
 
-    def __init__(self, uri: str, log_images: bool):
+    def __init__(self, uri: str, log_images: bool, upstream: dict[str, str | None]):
         self.run_id: str | None = None  # None until the server has answered `start`
         self.uri = uri
         self.log_images = log_images
+        self.upstream = upstream  # stage -> its run that made this stage's inputs (or None)
         self.not_sent: list[str] = []
 
     def start(
@@ -346,11 +351,41 @@ class StageRun:
         self._send(artifact_file, lambda: mlflow.log_text(text, artifact_file))
 
     def log_figure(self, figure: Figure, artifact_file: str) -> None:
-        self._send(artifact_file, lambda: mlflow.log_figure(figure, artifact_file))
+        """A picture of numbers only (curves, tables): logged whatever `log_images` says."""
+        from cnnpipe import plots
 
-    def log_data_figure(self, figure: Figure, artifact_file: str) -> None:
+        self._send(artifact_file, lambda: mlflow.log_figure(figure, artifact_file))
+        plots.close(figure)
+
+    def _log_data_figure(self, draw: Callable[[], Figure], artifact_file: str) -> None:
+        """A picture that shows data: drawn and logged only with `log_images`."""
         if self.log_images:
-            self.log_figure(figure, artifact_file)
+            self.log_figure(draw(), artifact_file)
+
+    def log_samples(self, images: np.ndarray, labels: np.ndarray, classes: list[str]) -> None:
+        from cnnpipe import plots
+
+        self._log_data_figure(
+            lambda: plots.samples_per_class(images, labels, classes), "samples.png"
+        )
+
+    def log_augmentation_preview(self, originals: np.ndarray, augmented: np.ndarray) -> None:
+        from cnnpipe import plots
+
+        self._log_data_figure(lambda: plots.before_after(originals, augmented), "preview.png")
+
+    def log_learning_curves(self, history: list[dict], title: str) -> None:
+        from cnnpipe import plots
+
+        self.log_figure(plots.learning_curves(history, title), "learning_curves.png")
+
+    def log_model(self, target: layout.TrainedModel, examples: np.ndarray) -> None:
+        """The model folder as an MLflow model (serving.py), with `examples` as its input
+        example only when `log_images` allows pictures of data."""
+        from cnnpipe import serving
+
+        shown = examples if self.log_images else None
+        self._send("model", lambda: serving.log_model(target, shown))
 
     def log_report(self, report: Path, figures: Path) -> None:
         """The report with its pictures, as MLflow's UI can show them: `figures/` beside
@@ -378,11 +413,12 @@ class StageRun:
         self._send("description", lambda: mlflow.set_tag("mlflow.note.content", text))
 
     def log_splits(
-        self, splits: dict[str, object], classes: list[str], data_hash: str, name: str
+        self, splits: dict[str, object], classes: list[str], data_hash: str, source: str
     ) -> None:
         """Record the splits a stage read as MLflow datasets, so the runs table's Dataset
-        column tells runs on other data apart: `name` is `data.source`, the digest the prepared
-        data's hash; `splits` maps a context (train, val, test) to a `store.Split`."""
+        column tells runs on other data apart: `source` (`data.source`) names them, the
+        prepared data's hash is the digest; `splits` maps a context (train, val, test) to a
+        `store.Split`."""
 
         def send() -> None:
             from mlflow.data import from_numpy
@@ -398,7 +434,7 @@ class StageRun:
                     split.images,
                     source=prepared,
                     targets=split.labels,
-                    name=name,
+                    name=source,
                     digest=data_hash[:12],
                 )
                 for split in splits.values()
@@ -408,13 +444,12 @@ class StageRun:
 
         self._send("datasets", send)
 
-    def log_results_once(
-        self, run_id: str | None, metrics: dict[str, float], figures: list[Path]
-    ) -> None:
+    def log_test_results(self, stage: str, metrics: dict[str, float], figures: list[Path]) -> None:
         """Add evaluate's test results (metrics, and the figure files under `test/`) to the run
-        that trained the model, the first time that model is evaluated. Later evaluations
-        record their own values in their own runs: a run's results, once measured, stay as
-        they were."""
+        of upstream `stage` that trained the model, the first time that model is evaluated.
+        Later evaluations record their own values in their own runs: a run's results, once
+        measured, stay as they were."""
+        run_id = self.upstream.get(stage)
         if run_id is None:
             return
 
@@ -430,11 +465,6 @@ class StageRun:
                 store.log_artifact(run_id, str(figure), "test")
 
         self._send(f"test results for run {run_id}", send)
-
-    def log_model(self, log: Callable[[], object]) -> None:
-        """Log a model to the run with `log` (e.g. `serving.log_model`), unless the server is
-        lost."""
-        self._send("model", log)
 
 
 class _OtherRank:
@@ -505,7 +535,7 @@ def stage_run(
         tags["model"] = model
     for upstream_stage, run_id in (upstream or {}).items():
         tags[UPSTREAM_TAG.format(stage=upstream_stage)] = run_id or "not found"
-    run = StageRun(tracking_uri(), log_images)
+    run = StageRun(tracking_uri(), log_images, upstream or {})
     if system_metrics:
         mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
         mlflow.set_system_metrics_samples_before_logging(1)
@@ -519,6 +549,30 @@ def stage_run(
         raise
     finally:
         run.end(status)
+
+
+@contextlib.contextmanager
+def recording(stage: layout.Stage, params: Params) -> Iterator[StageRun]:
+    """The MLflow run of one execution of `stage`, as the stage table describes it: named
+    after the stage (and its model), with the params it reads, tagged with the runs that made
+    its inputs; once the stage has finished, tagged with the fingerprint of its outputs, by
+    which the stages after it find it."""
+    if os.environ.get("RANK", "0") != "0":
+        yield _OtherRank()
+        return
+    experiment = params.tracking.experiment
+    inputs = {s.name: store.fingerprint(*s.identity) for s in layout.upstream(stage)}
+    with stage_run(
+        stage.name,
+        experiment,
+        layout.stage_params(stage.name, params),
+        model=layout.param_value(params, stage.model_param) if stage.model_param else None,
+        upstream=find_runs(experiment, inputs),
+        log_images=params.tracking.log_images,
+        system_metrics=stage.trains,
+    ) as run:
+        yield run
+        run.set_fingerprint(store.fingerprint(*stage.identity))
 
 
 def find_run(experiment: str, stage: str, fingerprint: str) -> str | None:

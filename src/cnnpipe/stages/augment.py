@@ -1,5 +1,9 @@
-"""augment: the train split plus `augment.copies` albumentations copies of each train image.
+"""augment: the augmentation policy (albumentations), and the train split the training stages
+read, with `augment.copies` offline augmented copies of each image.
 
+The policy (`augment.policy`: photo, document or texture; `auto` by `rules.policy_for`) is
+written to `data/augmented/augmentation.json` (albumentations' `A.to_dict`); with
+`augment.on_the_fly`, the training stages draw every train image through it again each epoch.
 val and test are not touched: they stay in `data/prepared`. The split streams through in
 chunks (single process: the policy's draws must come in one fixed order to be repeatable).
 """
@@ -15,9 +19,10 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from cnnpipe import layout, plots, store, tracking
-from cnnpipe.layout import AUGMENTED, PREPARED
+from cnnpipe import rules, store
+from cnnpipe.layout import AUGMENTATION, AUGMENTED, PREPARED
 from cnnpipe.params import AugmentParams, Params
+from cnnpipe.recorder import Recorder
 
 # No check for a newer albumentations over the network each time the stage starts.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -30,9 +35,20 @@ import albumentations as A  # noqa: E402
 PREVIEW_IMAGES = 8
 
 
-def build_policy(augment: AugmentParams, seed: int) -> A.Compose:
-    """The augmentation policy. `seed` makes the sequence of draws repeatable (albumentations
-    keeps its own generator; global seeds do not reach it)."""
+# The transforms each policy adds to the shared ones (shift, scale, rotation, brightness and
+# contrast): flips and quarter turns only where they keep the label.
+FLIPS = {
+    "document": lambda: [],
+    "photo": lambda: [A.HorizontalFlip(p=0.5)],
+    "texture": lambda: [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.RandomRotate90(p=0.5)],
+}
+
+
+def build_policy(augment: AugmentParams, seed: int, source: str = "") -> A.Compose:
+    """The augmentation policy named by `augment.policy` (`auto`: by the data source). `seed`
+    makes the sequence of draws repeatable (albumentations keeps its own generator; global
+    seeds do not reach it)."""
+    name = policy_name(augment, source)
     border = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0}
     return A.Compose(
         [
@@ -43,7 +59,7 @@ def build_policy(augment: AugmentParams, seed: int) -> A.Compose:
                 **border,
             ),
             A.Rotate(limit=augment.rotate_limit, p=augment.rotate_p, **border),
-            A.HorizontalFlip(p=augment.hflip_p),
+            *FLIPS[name](),
             A.RandomBrightnessContrast(
                 brightness_limit=augment.brightness_limit,
                 contrast_limit=augment.contrast_limit,
@@ -85,42 +101,43 @@ def write_augmented(
                 bar.update(len(extra))
 
 
-def run(params: Params) -> None:
+def run(params: Params, recorder: Recorder) -> None:
     augment = params.augment
-    experiment = params.tracking.experiment
-    upstream = tracking.find_runs(experiment, {"prepare": store.fingerprint(PREPARED)})
-    with tracking.stage_run(
-        "augment",
-        experiment,
-        layout.stage_params("augment", params),
-        upstream=upstream,
-        log_images=params.tracking.log_images,
-    ) as mlrun:
-        train = store.read_split(PREPARED, "train")
-        images, labels = train.images, train.labels
-        policy = build_policy(augment, params.seed)
-        started = time.perf_counter()
-        with store.atomic_dir(AUGMENTED) as staging:
-            write_augmented(images, labels, policy, augment.copies, staging)
-        seconds = time.perf_counter() - started
-        extra = len(images) * augment.copies
-        mlrun.set_fingerprint(store.fingerprint(AUGMENTED))
-        mlrun.log_metrics(
-            {
-                "images.train": len(images) + extra,
-                "images_per_second": extra / seconds if extra else 0.0,
-            }
-        )
-        mlrun.log_dict(A.to_dict(policy), "policy.json")
-        mlrun.describe(
-            f"The train split ({len(images)} images) and {augment.copies} albumentations "
-            f"cop{'y' if augment.copies == 1 else 'ies'} of each; the policy is `policy.json`."
-        )
-        if extra:
-            shown = np.asarray(images[:PREVIEW_IMAGES])
-            augmented = store.read_split(AUGMENTED, "train").images
-            copies = np.asarray(augmented[len(images) : len(images) + len(shown)])
-            figure = plots.before_after(shown, copies)
-            mlrun.log_data_figure(figure, "preview.png")
-            plots.close(figure)
-    print(f"wrote {len(images)} train images and {extra} augmented copies to {AUGMENTED}")
+    train = store.read_split(PREPARED, "train")
+    images, labels = train.images, train.labels
+    policy = build_policy(augment, params.seed, params.data.source)
+    started = time.perf_counter()
+    augmentation = store.Augmentation(
+        policy_dict=A.to_dict(policy),
+        on_the_fly=augment.on_the_fly,
+        originals=len(images),
+        views=1 + augment.copies,
+    )
+    with store.atomic_dir(AUGMENTED) as staging:
+        write_augmented(images, labels, policy, augment.copies, staging)
+        store.write_json(staging / AUGMENTATION.name, augmentation.model_dump())
+    seconds = time.perf_counter() - started
+    extra = len(images) * augment.copies
+    recorder.log_metrics(
+        {
+            "images.train": len(images) + extra,
+            "images_per_second": extra / seconds if extra else 0.0,
+        }
+    )
+    recorder.log_dict(augmentation.policy_dict, "policy.json")
+    when = "every epoch, on the fly" if augment.on_the_fly else "never again"
+    recorder.describe(
+        f"The policy `{policy_name(augment, params.data.source)}` (`policy.json`), drawn {when}; "
+        f"the train split ({len(images)} images) and {augment.copies} offline "
+        f"cop{'y' if augment.copies == 1 else 'ies'} of each."
+    )
+    shown = np.asarray(images[:PREVIEW_IMAGES])
+    recorder.log_augmentation_preview(shown, augmented_copies(shown, policy, 1))
+    print(
+        f"wrote the {policy_name(augment, params.data.source)} policy, {len(images)} train "
+        f"images and {extra} augmented copies to {AUGMENTED}"
+    )
+
+
+def policy_name(augment: AugmentParams, source: str) -> str:
+    return rules.policy_for(source) if augment.policy == "auto" else augment.policy

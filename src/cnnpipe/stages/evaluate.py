@@ -1,8 +1,10 @@
 """evaluate: the scratch and transfer models on the test split, side by side, in three steps.
 
-1. measure: each model's scores, costs and pictures on the test split;
-2. promote: register the better model, and move the `champion` alias to it only if it beats the
-   current champion on the same test data (registry.py);
+1. measure: each model's scores, costs and pictures on the test split (with `evaluate.tta:
+   hflip`, each image's prediction averaged with its mirror image's);
+2. choose: the better model by `evaluate.select_metric` (`auto`: macro-F1 when the classes
+   are imbalanced, `rules.py`), written to `reports/evaluate/chosen.json` for the record
+   stage, which registers it and gates the champion alias (record.py);
 3. publish: `reports/evaluate/` (compact metrics for `dvc metrics`, per-class and prediction
    tables for `dvc plots`), `reports/figures/`, `reports/report.md`, and the evaluate run.
 """
@@ -15,20 +17,9 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from cnnpipe import (
-    audit,
-    engine,
-    layout,
-    metrics,
-    networks,
-    plots,
-    registry,
-    report,
-    serving,
-    store,
-    tracking,
-)
+from cnnpipe import audit, engine, layout, metrics, networks, plots, report, rules, runtime, store
 from cnnpipe.params import EvaluateParams, Params
+from cnnpipe.recorder import Recorder
 from cnnpipe.report import ModelResult
 
 
@@ -89,7 +80,7 @@ def measure(
 ) -> Measured:
     network = model.network.to(device)
     logits = engine.predict_logits(network, test.images, model.norm, device, settings.batch_size)
-    probabilities = networks.probabilities(logits).numpy()
+    probabilities = with_tta(networks.probabilities(logits).numpy(), model, test, settings, device)
     costs = metrics.size(network, model.target.folder / "weights.pt") | {
         "latency_ms": metrics.latency_ms_per_image(network, test.images, model.norm, device)
     }
@@ -105,6 +96,20 @@ def measure(
     return Measured(
         model, probabilities, result, pictures(model, test, probabilities), data_figures
     )
+
+
+def with_tta(
+    probabilities: np.ndarray, model: LoadedModel, test: TestSet, settings: EvaluateParams, device
+) -> np.ndarray:
+    """`probabilities` of the test images, or with `tta: hflip` their mean with those of the
+    mirrored images."""
+    if settings.tta == "none":
+        return probabilities
+    mirrored = np.ascontiguousarray(test.images[:, :, ::-1])
+    flipped = engine.predict_logits(
+        model.network, mirrored, model.norm, device, settings.batch_size
+    )
+    return (probabilities + networks.probabilities(flipped).numpy()) / 2
 
 
 def pictures(model: LoadedModel, test: TestSet, probabilities: np.ndarray) -> dict[str, Figure]:
@@ -165,42 +170,36 @@ def choose(results: list[ModelResult], metric: str) -> ModelResult:
     return max(results, key=rank)
 
 
-def promote(chosen: Measured, test: TestSet, params: Params, producing_run: str | None) -> str:
-    """Register the chosen model and gate the champion alias; the report's registry line."""
-    if producing_run is None:
-        return "not registered: the MLflow run that trained the chosen model was not found."
-    metric = params.evaluate.select_metric
-    if chosen.result.scores[metric] is None:
-        return f"not registered: test {metric} is undefined on this test split."
-    candidate = registry.Candidate(
-        run_id=producing_run,
-        metric=metric,
-        score=chosen.result.scores[metric],
-        data_hash=test.data_hash,
-        tags={"architecture": chosen.result.architecture, "model": chosen.result.name}
-        | chosen.result.privacy_tags(),
-        description=f"{chosen.model.title}: test {metric} {chosen.result.scores[metric]:.4f} "
-        f"on {len(test.labels)} images (data hash {test.data_hash[:12]}).",
-    )
+def select_metric(settings: EvaluateParams, test: TestSet) -> str:
+    """`evaluate.select_metric`, with `auto` resolved by the imbalance rule (rules.py) on the
+    train split."""
+    if settings.select_metric != "auto":
+        return settings.select_metric
+    imbalanced = rules.imbalanced(test.members.labels, len(test.classes))
+    return "macro_f1" if imbalanced else "accuracy"
 
-    def score_champion(version) -> float | None:
-        classifier = serving.load(f"models:/{params.tracking.registered_model}/{version.version}")
-        if classifier.meta.classes != test.classes:
-            return None
-        return test.score(classifier.probabilities(test.images))[metric]
 
-    return registry.promote(params.tracking.registered_model, candidate, score_champion)
+def chosen_file(chosen: Measured, metric: str, test: TestSet) -> dict:
+    """`reports/evaluate/chosen.json`: the chosen model as the record stage registers it."""
+    score = chosen.result.scores[metric]
+    return {
+        "model": chosen.result.name,
+        "architecture": chosen.result.architecture,
+        "metric": metric,
+        "score": score,
+        "test_images": len(test.labels),
+        "data_hash": test.data_hash,
+        "privacy": chosen.result.privacy_tags(),
+    }
 
 
 def publish(
     measured: list[Measured],
     chosen: Measured,
     metric: str,
-    note: str,
     test: TestSet,
     device: str,
-    mlrun: tracking.StageRun,
-    producing: dict[str, str | None],
+    recorder: Recorder,
 ) -> None:
     """Write every output of the stage and log it to the evaluate run (and, the first time a
     model is evaluated, to the run that trained it)."""
@@ -211,6 +210,7 @@ def publish(
                 plots.save(figure, figures_dir / file_name)
                 m.result.figures.append(file_name)
     store.write_json_atomic(layout.EVALUATION / "metrics.json", report.metrics_file(results))
+    store.write_json_atomic(layout.CHOSEN, chosen_file(chosen, metric, test))
     store.write_csv(layout.EVALUATION / "per_class.csv", report.per_class_rows(results))
     for m in measured:
         predicted = m.probabilities.argmax(1)
@@ -225,20 +225,19 @@ def publish(
         results,
         chosen.result,
         metric,
-        note,
         report.data_line(store.read_json(layout.PREPARE_REPORT), len(test.labels), test.data_hash),
         device,
     )
     store.write_text_atomic(layout.REPORT, text)
-    mlrun.set_fingerprint(store.fingerprint(*layout.EVALUATED))
-    mlrun.describe(report.summary(results, chosen.result, note).replace("\n", "  \n"))
-
-    mlrun.log_metrics({f"{r.name}.{k}": v for r in results for k, v in r.test_metrics().items()})
-    mlrun.log_table(report.per_class_rows(results), "per_class.json")
-    mlrun.log_report(layout.REPORT, layout.FIGURES)
+    recorder.describe(report.summary(results, chosen.result).replace("\n", "  \n"))
+    recorder.log_metrics(
+        {f"{r.name}.{k}": v for r in results for k, v in r.test_metrics().items()}
+    )
+    recorder.log_table(report.per_class_rows(results), "per_class.json")
+    recorder.log_report(layout.REPORT, layout.FIGURES)
     for m in measured:
-        mlrun.log_results_once(
-            producing[m.model.target.stage],
+        recorder.log_test_results(
+            m.model.target.stage,
             m.result.test_metrics(),
             [layout.FIGURES / name for name in m.result.figures],
         )
@@ -247,36 +246,23 @@ def publish(
             plots.close(figure)
 
 
-def run(params: Params) -> None:
-    settings, experiment = params.evaluate, params.tracking.experiment
-    device = engine.resolve_device("auto")
+def run(params: Params, recorder: Recorder) -> None:
+    settings = params.evaluate
+    device = runtime.resolve_device("auto")
     test = TestSet.load()
     loaded = [LoadedModel(t, *networks.load_trained(t.folder)) for t in layout.TRAINED]
-    producing = tracking.find_runs(
-        experiment, {t.stage: store.fingerprint(t.folder) for t in layout.TRAINED}
+    recorder.log_splits(
+        {"test": store.Split(test.images, test.labels)},
+        test.classes,
+        test.data_hash,
+        params.data.source,
     )
-    logged = layout.stage_params("evaluate", params)
-    with tracking.stage_run(
-        "evaluate", experiment, logged, upstream=producing, log_images=params.tracking.log_images
-    ) as mlrun:
-        mlrun.log_splits(
-            {"test": store.Split(test.images, test.labels)},
-            test.classes,
-            test.data_hash,
-            params.data.source,
-        )
-        measured = [
-            measure(m, test, settings, device, params.tracking.log_images, params.seed)
-            for m in loaded
-        ]
-        results = [m.result for m in measured]
-        chosen = measured[results.index(choose(results, settings.select_metric))]
-        if mlrun.server_lost():
-            note = (
-                "not registered: the MLflow server was lost during evaluate; once it is "
-                "back, run `dvc repro --force evaluate` to register and compare."
-            )
-        else:
-            note = promote(chosen, test, params, producing[chosen.model.target.stage])
-        publish(measured, chosen, settings.select_metric, note, test, device.type, mlrun, producing)
-    print(report.summary(results, chosen.result, note))
+    measured = [
+        measure(m, test, settings, device, params.tracking.log_images, params.seed)
+        for m in loaded
+    ]
+    results = [m.result for m in measured]
+    metric = select_metric(settings, test)
+    chosen = measured[results.index(choose(results, metric))]
+    publish(measured, chosen, metric, test, device.type, recorder)
+    print(report.summary(results, chosen.result))

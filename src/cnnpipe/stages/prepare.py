@@ -25,11 +25,12 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
-from cnnpipe import layout, plots, store, tracking
+from cnnpipe import rules, store
 from cnnpipe.errors import UserError
 from cnnpipe.layout import PREPARE_REPORT, PREPARED
-from cnnpipe.params import Params
-from cnnpipe.sources import BadImage, ImageStream, open_source
+from cnnpipe.params import DataParams, Params
+from cnnpipe.recorder import Recorder
+from cnnpipe.sources import BadImage, ImageStream, native_shorter_sides, open_source
 
 SPOOL = "decoded.u8"  # inside the staging folder; removed before it becomes PREPARED
 EXAMPLES = 20  # cross-label duplicate groups named in the report
@@ -281,6 +282,18 @@ def _counts(labels: dict[str, np.ndarray], classes: list[str]) -> dict[str, dict
     }
 
 
+def _imbalance(train_labels: np.ndarray, classes: int) -> str:
+    """How the train classes compare, and what the imbalance rule then does (rules.py)."""
+    counts = rules.class_counts(train_labels, classes)
+    ratio = counts.max() / max(counts.min(), 1)
+    if rules.imbalanced(train_labels, classes):
+        return (
+            f"imbalanced (largest / smallest class {ratio:.2f} > {rules.IMBALANCE_RATIO}): "
+            "class-weighted loss, best epoch by val balanced accuracy, champion by macro-F1"
+        )
+    return f"balanced (largest / smallest class {ratio:.2f} <= {rules.IMBALANCE_RATIO})"
+
+
 def _print_summary(
     images: int, classes: int, bad_images: list[BadImage], duplicates: dict, seconds: float
 ) -> None:
@@ -304,61 +317,78 @@ def _print_summary(
         )
 
 
-def run(params: Params) -> None:
-    data = params.data
-    with tracking.stage_run(
-        "prepare",
-        params.tracking.experiment,
-        layout.stage_params("prepare", params),
-        log_images=params.tracking.log_images,
-    ) as mlrun:
-        started = time.perf_counter()
-        workers = data.workers or os.cpu_count() or 1
-        stream = open_source(data.source, data.image_size, data.on_bad_image, workers)
-        fractions = (data.val_fraction, data.test_fraction)
-        with store.atomic_dir(PREPARED) as staging:
-            bad_images, duplicates = prepare_into(
-                stream, staging, data.image_size, fractions, params.seed
-            )
-        seconds = time.perf_counter() - started
-        written = {split: store.read_split(PREPARED, split) for split in store.SPLITS}
-        labels = {split: written[split].labels for split in store.SPLITS}
-        images = sum(map(len, labels.values()))
-        data_hash = store.fingerprint(PREPARED)
-        counts = _counts(labels, stream.classes)
-        report = {
-            "data_hash": data_hash,
-            "image_size": data.image_size,
-            "classes": stream.classes,
-            "images": counts,
-            "bad_images": [vars(bad) for bad in bad_images],
-            "duplicates": duplicates,
-        }
-        store.write_json_atomic(PREPARE_REPORT, report)
+def working_size(data: DataParams) -> tuple[int, str]:
+    """The image size, and why: `data.image_size`, or for `auto` `rules.working_size` of the
+    source's native sizes."""
+    if data.image_size != "auto":
+        return data.image_size, "data.image_size"
+    sides = native_shorter_sides(data.source)
+    size = rules.working_size(sides)
+    return size, (
+        f"auto: median shorter side {int(np.median(sides)) if sides else 'unknown'} px, "
+        f"rounded down to a multiple of 8 within {rules.MIN_SIZE}..{rules.MAX_SIZE} px"
+    )
 
-        mlrun.set_fingerprint(data_hash)
-        mlrun.log_splits(written, stream.classes, data_hash, data.source)
-        mlrun.log_metrics(
-            {f"images.{split}": len(split_labels) for split, split_labels in labels.items()}
-            | {"classes": len(stream.classes), "images_per_second": images / seconds}
-            | {"bad_images": len(bad_images)}
-            | {f"bad_images.{kind}": n for kind, n in Counter(b.kind for b in bad_images).items()}
-            | {f"duplicates.{key}": duplicates[key] for key in DUPLICATE_COUNTS}
-        )
-        mlrun.log_table(
-            [{"class": c} | {split: counts[split][c] for split in counts} for c in stream.classes],
-            "images_per_class.json",
-        )
-        mlrun.log_dict(report, "prepare_report.json")
-        mlrun.describe(
-            f"`{data.source}` as {data.image_size}x{data.image_size} RGB: {images} images of "
-            f"{len(stream.classes)} classes, split "
-            + " / ".join(f"{len(labels[s])} {s}" for s in store.SPLITS)
-            + f"; {len(bad_images)} files skipped, {duplicates['groups']} groups of identical "
-            "images. Details in `prepare_report.json`."
-        )
-        train = written["train"]
-        figure = plots.samples_per_class(train.images, train.labels, stream.classes)
-        mlrun.log_data_figure(figure, "samples.png")
-        plots.close(figure)
+
+def run(params: Params, recorder: Recorder) -> None:
+    data = params.data
+    started = time.perf_counter()
+    image_size, size_reason = working_size(data)
+    workers = data.workers or os.cpu_count() or 1
+    stream = open_source(data.source, image_size, data.on_bad_image, workers)
+    fractions = (data.val_fraction, data.test_fraction)
+    with store.atomic_dir(PREPARED) as staging:
+        bad_images, duplicates = prepare_into(stream, staging, image_size, fractions, params.seed)
+    seconds = time.perf_counter() - started
+    written = {split: store.read_split(PREPARED, split) for split in store.SPLITS}
+    labels = {split: written[split].labels for split in store.SPLITS}
+    data_hash = store.fingerprint(PREPARED)
+    counts = _counts(labels, stream.classes)
+    report = {
+        "data_hash": data_hash,
+        "image_size": image_size,
+        "image_size_reason": size_reason,
+        "classes": stream.classes,
+        "imbalanced": _imbalance(labels["train"], len(stream.classes)),
+        "images": counts,
+        "bad_images": [vars(bad) for bad in bad_images],
+        "duplicates": duplicates,
+    }
+    store.write_json_atomic(PREPARE_REPORT, report)
+    _record(recorder, params, report, written, seconds)
+    images = sum(map(len, labels.values()))
     _print_summary(images, len(stream.classes), bad_images, duplicates, seconds)
+
+
+def _record(
+    recorder: Recorder, params: Params, report: dict, written: dict, seconds: float
+) -> None:
+    """The prepare run: counts, the splits as datasets, the report, sample images."""
+    labels = {split: written[split].labels for split in store.SPLITS}
+    images = sum(map(len, labels.values()))
+    classes, bad_images = report["classes"], report["bad_images"]
+    recorder.log_splits(written, classes, report["data_hash"], params.data.source)
+    recorder.log_metrics(
+        {f"images.{split}": len(split_labels) for split, split_labels in labels.items()}
+        | {"classes": len(classes), "images_per_second": images / seconds}
+        | {"bad_images": len(bad_images)}
+        | {f"bad_images.{kind}": n for kind, n in Counter(b["kind"] for b in bad_images).items()}
+        | {f"duplicates.{key}": report["duplicates"][key] for key in DUPLICATE_COUNTS}
+    )
+    counts = report["images"]
+    recorder.log_table(
+        [{"class": c} | {split: counts[split][c] for split in counts} for c in classes],
+        "images_per_class.json",
+    )
+    recorder.log_dict(report, "prepare_report.json")
+    size = report["image_size"]
+    recorder.describe(
+        f"`{params.data.source}` as {size}x{size} RGB: {images} images of "
+        f"{len(classes)} classes, split "
+        + " / ".join(f"{len(labels[s])} {s}" for s in store.SPLITS)
+        + f"; {len(bad_images)} files skipped, {report['duplicates']['groups']} groups of "
+        f"identical images. Size: {report['image_size_reason']}. Classes: "
+        f"{report['imbalanced']}. Details in `prepare_report.json`."
+    )
+    train = written["train"]
+    recorder.log_samples(train.images, train.labels, classes)

@@ -1,17 +1,18 @@
-"""train: fit a CNN from scratch (`train.model`: seed_cnn or small_cnn) with Adam and a
-one-cycle learning-rate schedule. Writes the scratch model (`models/scratch`).
+"""train: fit a CNN from scratch (`train.model`: seed_cnn or small_cnn) with Adam, a linear
+warm-up and cosine decay. Writes the scratch model (`models/scratch`).
 
 With `train.privacy.epsilon` set, DP-SGD instead (privacy.py): every weight learns, from the
-un-augmented train split, with Adam at a constant learning rate, at `train.privacy`'s epochs, batch
-size and learning rate; small_cnn is built without batch norm for it (`networks.build`).
+original train images, with Adam at a constant learning rate, at `train.privacy`'s epochs,
+batch size and learning rate; small_cnn is built without batch norm for it (`networks.build`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from cnnpipe import fit, layout, networks
+from cnnpipe import fit, layout, networks, store
 from cnnpipe.params import Params, TrainParams
+from cnnpipe.recorder import Recorder
 
 
 def phases(train: TrainParams) -> list[fit.Phase]:
@@ -24,7 +25,7 @@ def phases(train: TrainParams) -> list[fit.Phase]:
                 optimizer=lambda model: torch.optim.Adam(
                     model.parameters(), lr=private.lr, weight_decay=train.weight_decay
                 ),
-                schedule=None,  # constant: decayed, it learnt less here (docs/benchmarks.md)
+                decay=False,  # constant: decayed, it learnt less here (docs/benchmarks.md)
                 privacy=private,
             )
         ]
@@ -35,15 +36,14 @@ def phases(train: TrainParams) -> list[fit.Phase]:
             optimizer=lambda model: torch.optim.Adam(
                 model.parameters(), lr=train.lr, weight_decay=train.weight_decay, fused=True
             ),
-            schedule=lambda optimizer, steps: torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=train.lr, total_steps=steps
-            ),
+            warmup_epochs=train.warmup_epochs,
         )
     ]
 
 
-def run(params: Params) -> None:
+def run(params: Params, recorder: Recorder) -> None:
     train = params.train
+    image_size = store.image_size(layout.PREPARED)
     fit.run(
         fit.Recipe(
             layout.SCRATCH,
@@ -51,10 +51,11 @@ def run(params: Params) -> None:
             build=lambda classes: networks.build(
                 train.model,
                 num_classes=classes,
-                image_size=params.data.image_size,
+                image_size=image_size,
                 private=train.privacy.enabled,
             ),
             phases=phases(train),
         ),
         params,
+        recorder,
     )

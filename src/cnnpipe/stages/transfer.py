@@ -2,20 +2,24 @@
 Writes the transfer model (`models/transfer`).
 
 The first `frozen_epochs` train the head alone, the backbone frozen; the rest train
-everything, the backbone at the lower `backbone_lr`. AdamW, cosine decay within each phase.
+everything, the backbone at the lower `backbone_lr`, after `warmup_epochs` of linear warm-up.
+AdamW, cosine decay within each phase. Images are resized inside the model to
+`transfer.input_size` (`auto`: `rules.transfer_input_size`, from the backbone's pretraining
+size).
 
 With `transfer.privacy.epsilon` set, DP-SGD trains only the new head, on the frozen backbone's
-features of each train image and its augmented copies (privacy.py), with momentum SGD and a
-cosine schedule at `transfer.privacy`'s epochs, batch size and learning rate.
+features of each train image's views (privacy.py), with momentum SGD and a cosine schedule at
+`transfer.privacy`'s epochs, batch size and learning rate.
 """
 
 from __future__ import annotations
 
 import torch
 
-from cnnpipe import fit, layout, networks
+from cnnpipe import fit, layout, networks, rules, store
 from cnnpipe.networks import TransferNet
 from cnnpipe.params import Params, TransferParams
+from cnnpipe.recorder import Recorder
 
 
 def phases(transfer: TransferParams) -> list[fit.Phase]:
@@ -33,10 +37,14 @@ def phases(transfer: TransferParams) -> list[fit.Phase]:
         ]
         return torch.optim.AdamW(groups, weight_decay=transfer.weight_decay, fused=True)
 
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR
     return [
-        fit.Phase("frozen", transfer.frozen_epochs, head_only, cosine),
-        fit.Phase("finetune", transfer.epochs - transfer.frozen_epochs, everything, cosine),
+        fit.Phase("frozen", transfer.frozen_epochs, head_only),
+        fit.Phase(
+            "finetune",
+            transfer.epochs - transfer.frozen_epochs,
+            everything,
+            warmup_epochs=transfer.warmup_epochs,
+        ),
     ]
 
 
@@ -50,14 +58,21 @@ def private_phases(transfer: TransferParams) -> list[fit.Phase]:
             optimizer=lambda head: torch.optim.SGD(
                 head.parameters(), lr=private.lr, momentum=0.9, weight_decay=transfer.weight_decay
             ),
-            schedule=torch.optim.lr_scheduler.CosineAnnealingLR,
             privacy=private,
         )
     ]
 
 
-def run(params: Params) -> None:
+def input_size(transfer: TransferParams, image_size: int) -> int:
+    if transfer.input_size != "auto":
+        return transfer.input_size
+    return rules.transfer_input_size(networks.pretrained_size(transfer.model), image_size)
+
+
+def run(params: Params, recorder: Recorder) -> None:
     transfer = params.transfer
+    image_size = store.image_size(layout.PREPARED)
+    size = input_size(transfer, image_size)
     fit.run(
         fit.Recipe(
             layout.TRANSFER,
@@ -65,12 +80,13 @@ def run(params: Params) -> None:
             build=lambda classes: networks.build(
                 transfer.model,
                 num_classes=classes,
-                image_size=params.data.image_size,
-                input_size=transfer.input_size,
+                image_size=image_size,
+                input_size=size,
                 pretrained=transfer.weights == "imagenet",
             ),
             phases=private_phases(transfer) if transfer.privacy.enabled else phases(transfer),
-            meta={"input_size": transfer.input_size},
+            meta={"input_size": size},
         ),
         params,
+        recorder,
     )

@@ -1,0 +1,126 @@
+"""Where a fit runs: the device, the process group when several processes train (DDP), the
+seeds, and the arithmetic precision."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cnnpipe.errors import UserError
+
+# CPU flags of the instructions that make bf16 matrix products fast (Intel AMX, AVX-512 BF16).
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where the loop runs: the device, and this process's place among DDP processes."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError("device 'cuda' was asked for but no CUDA GPU is visible: use auto or cpu")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def keep_freed_memory() -> None:
+    """Let glibc keep freed activation buffers for the next step instead of unmapping them.
+
+    By default glibc serves blocks above 128 KiB from fresh mappings and returns them to the
+    kernel when freed, so every CPU training step page-faults its activations in again. Raising
+    the mmap threshold (to glibc's 32 MiB maximum) and the trim threshold keeps them: a step of
+    the source document's network on CPU runs about 2x faster (docs/benchmarks.md).
+    Process-wide; nothing happens where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
+    libc.mallopt(m_mmap_threshold, 32 << 20)
+    libc.mallopt(m_trim_threshold, 1 << 30)
+
+
+def start_runtime(requested_device: str) -> Runtime:
+    """A single process, or, under torchrun, one rank of a process group: NCCL on GPUs
+    (one GPU per local rank), gloo on CPU."""
+    device = resolve_device(requested_device)
+    keep_freed_memory()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Runtime(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Runtime(device, dist.get_rank(), world_size)
+
+
+def stop_runtime(runtime: Runtime) -> None:
+    if runtime.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def make_deterministic(seed: int, deterministic: bool, device: torch.device) -> None:
+    """Seed Python, NumPy and torch; with `deterministic` on CUDA, also forbid nondeterministic
+    kernels (with CUBLAS_WORKSPACE_CONFIG and no cuDNN autotuning). The CPU kernels these
+    models use are deterministic already, and the switch would import torch's compiler
+    (~1.5 s at every stage start)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if device.type != "cuda":
+        return
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX or AVX-512 BF16)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line for line in info if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return any(flag in flags for flag in BF16_CPU_FLAGS)
+
+
+def precision(requested: str, device: torch.device, fast_in_bf16_on_cpu: bool) -> str:
+    """The precision a fit runs in: `requested` (bf16 | fp32), or for `auto` bf16 on CUDA, and
+    on a CPU with fast bf16 when the model gains from it (measured per model, models.py)."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16"
+    return "bf16" if fast_in_bf16_on_cpu and cpu_has_fast_bf16() else "fp32"
+
+
+def autocast(device: torch.device, precision: str = "fp32") -> contextlib.AbstractContextManager:
+    """bf16 autocast where `precision` says so; full precision otherwise."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
