@@ -22,10 +22,14 @@ SOURCE_PATTERN = re.compile(
     r"^(builtin:(digits|faces)|folder:.+|torchvision:(CIFAR10|CIFAR100|MNIST|FashionMNIST|KMNIST))$"
 )
 Device = Literal["auto", "cpu", "cuda"]
+MIN_TRAIN_SHARE = 0.1  # of the images, left for training by data.val_fraction and test_fraction
+LEARNING_RATE = Field(ge=1e-8, le=1)
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    """Every float must be a finite number (`.inf` and `.nan` are refused)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class DataParams(Section):
@@ -35,6 +39,17 @@ class DataParams(Section):
     test_fraction: float = Field(gt=0, lt=0.5)
     on_bad_image: Literal["skip", "fail"]
     workers: int = Field(ge=0, le=256)
+
+    @model_validator(mode="after")
+    def _room_for_training(self) -> DataParams:
+        train_share = 1 - self.val_fraction - self.test_fraction
+        if train_share < MIN_TRAIN_SHARE:
+            raise ValueError(
+                f"val_fraction ({self.val_fraction}) and test_fraction ({self.test_fraction})"
+                f" leave {train_share:.3g} of the images for training: lower them so that at"
+                f" least {MIN_TRAIN_SHARE} is left"
+            )
+        return self
 
     @field_validator("source")
     @classmethod
@@ -66,12 +81,16 @@ class PrivacyParams(Section):
     rate instead of its own: DP-SGD wants far larger batches than ordinary training. Whether
     `delta` is below 1 / (training images) is checked when the images are counted."""
 
-    epsilon: float | None = Field(gt=0)  # the privacy budget of the whole fit; null: off
-    delta: float | None = Field(gt=0, lt=1)  # null: 1 / (10 x training images)
-    max_grad_norm: float = Field(gt=0)  # each image's gradient is clipped to this L2 norm
+    # The bounds keep the noise calibration finite: below ε = 0.01 or δ = 1e-12 the noise
+    # needed grows without bound, above ε = 100 a fit is private in name only.
+    epsilon: float | None = Field(ge=0.01, le=100)  # the privacy budget of the whole fit; null: off
+    delta: float | None = Field(ge=1e-12, lt=1)  # null: 1 / (10 x training images)
+    max_grad_norm: float = Field(
+        ge=1e-6, le=1000
+    )  # each image's gradient is clipped to this L2 norm
     epochs: int = Field(ge=1, le=1000)
     batch_size: int = Field(ge=1, le=65536)  # expected images per step (Poisson sampling)
-    lr: float = Field(gt=0, le=100)
+    lr: float = Field(ge=1e-8, le=100)
 
     @property
     def enabled(self) -> bool:
@@ -85,7 +104,7 @@ class TrainingParams(Section):
     model: str
     epochs: int = Field(ge=1, le=1000)
     batch_size: int = Field(ge=1, le=4096)
-    lr: float = Field(gt=0, le=1)
+    lr: float = LEARNING_RATE
     weight_decay: float = Field(ge=0, le=1)
     device: Device
     deterministic: bool
@@ -128,7 +147,7 @@ class TransferParams(TrainingParams):
     weights: Literal["imagenet", "none"]
     input_size: int = Field(ge=16, le=512)
     frozen_epochs: int = Field(ge=0, le=1000)
-    backbone_lr: float = Field(gt=0, le=1)
+    backbone_lr: float = LEARNING_RATE
 
     @model_validator(mode="after")
     def _frozen_within_epochs(self) -> TransferParams:
@@ -151,6 +170,21 @@ class TrackingParams(Section):
     registered_model: str = Field(min_length=1, max_length=200, pattern=r"^[\w.\- ]+$")
     log_images: bool
 
+    @field_validator("experiment")
+    @classmethod
+    def _a_name_not_a_path(cls, experiment: str) -> str:
+        """The experiment's artifacts go to `mlruns/<experiment>`: a name with a path in it
+        would put them elsewhere."""
+        if (
+            experiment in (".", "..")
+            or not experiment.isprintable()
+            or set("/\\") & set(experiment)
+        ):
+            raise ValueError(
+                "must be a plain name: printable characters without / or \\, not . or .."
+            )
+        return experiment
+
 
 class Params(Section):
     seed: int = Field(ge=0, le=2**32 - 1)
@@ -163,8 +197,19 @@ class Params(Section):
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader that refuses a key written twice in one mapping, and reads
-    `1e-3` as a number as YAML 1.2 does (PyYAML's YAML 1.1 needs `1.0e-3`)."""
+    """PyYAML's safe loader that refuses a key written twice in one mapping and any alias
+    (`*name`: a few lines of nested aliases expand to billions of values), and reads `1e-3`
+    as a number as YAML 1.2 does (PyYAML's YAML 1.1 needs `1.0e-3`)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                "aliases (*name) are not allowed: write the value out",
+                self.peek_event().start_mark,
+            )
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -212,7 +257,11 @@ def read_yaml(path: Path) -> object:
             f"{path} is not UTF-8 text (byte {err.start}): is it a binary file?"
         ) from None
     except yaml.YAMLError as err:
-        raise UserError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+        raise UserError(f"{path} is not valid YAML: {err}") from None
+    except RecursionError:
+        raise UserError(f"{path} nests values too deeply to be a params file") from None
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        raise UserError(f"{path} holds a value that cannot be read: {err}") from None
 
 
 def load_params(path: Path = PARAMS_FILE) -> Params:
