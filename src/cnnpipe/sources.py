@@ -285,7 +285,11 @@ def _files_under(folder: Path, home: str, tree: DataTree, skipped: list[BadImage
             except OSError as err:  # a link loop (ELOOP)
                 skipped.append(_skip(path, "link_loop", f"cannot follow link: {err.strerror}"))
                 continue
-            problem = entry.is_symlink() and tree.problem(os.path.realpath(path), home, is_folder)
+            problem = (
+                entry.is_symlink()
+                and (is_folder or is_file)
+                and tree.problem(os.path.realpath(path), home, is_folder)
+            )
             if problem:
                 skipped.append(_skip(path, *problem))
             elif is_folder:
