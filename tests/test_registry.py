@@ -115,7 +115,8 @@ def test_the_champion_loads_as_data(runs, mlflow_store, tmp_path, monkeypatch):
     classifier = serving.load(registry.champion_uri("gate-load"))
     assert classifier.meta.classes == ["no", "yes"]
     answer = classifier.predict(np.zeros((3, 20, 20, 3), dtype=np.uint8))
-    assert list(answer.columns) == ["class", "probability", "no", "yes"] and len(answer) == 3
+    columns = ["class", "probability", "probability:no", "probability:yes"]
+    assert list(answer.columns) == columns and len(answer) == 3
 
 
 def test_no_champion_is_a_clear_error(mlflow_store):

@@ -88,19 +88,28 @@ def encoded(images: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({"image": files})
 
 
+def probability_columns(classes: list[str]) -> list[str]:
+    """The output's column of each class: `probability:<class>`. Class names are data, so
+    they never are a column name alone; no class can collide with `class`, `probability`
+    (neither has a colon) or with another class's column (names are distinct)."""
+    return [f"probability:{name}" for name in classes]
+
+
 def prediction_table(probabilities: np.ndarray, classes: list[str]) -> pd.DataFrame:
     best = probabilities.argmax(axis=1)
-    table = pd.DataFrame(probabilities, columns=classes)
-    table.insert(0, "probability", probabilities[np.arange(len(best)), best])
-    table.insert(0, "class", [classes[i] for i in best])
-    return table
+    columns = {
+        "class": [classes[i] for i in best],
+        "probability": probabilities[np.arange(len(best)), best],
+    }
+    columns |= dict(zip(probability_columns(classes), probabilities.T, strict=True))
+    return pd.DataFrame(columns)
 
 
 class ImageClassifier:
     """A model folder (`weights.pt` + `meta.json`) that takes raw images: a DataFrame column
     `image` whose cells are encoded files (bytes or base64 text) or uint8 H x W x 3 arrays, or
     such arrays directly. Output: one row per image with `class`, `probability` and one
-    probability column per class."""
+    column `probability:<class>` per class."""
 
     def __init__(self, model_dir: Path):
         self.model, self.meta = networks.load_trained(model_dir)
@@ -129,7 +138,7 @@ def _load_pyfunc(data_path: str) -> ImageClassifier:
 def output_schema(classes: list[str]) -> Schema:
     return Schema(
         [ColSpec(DataType.string, "class"), ColSpec(DataType.double, "probability")]
-        + [ColSpec(DataType.double, name) for name in classes]
+        + [ColSpec(DataType.double, column) for column in probability_columns(classes)]
     )
 
 

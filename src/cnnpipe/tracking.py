@@ -209,7 +209,7 @@ def _html_with_pictures(markdown: str, folder: Path) -> str:
         picture = base64.b64encode((folder / match.group(1)).read_bytes()).decode()
         return f'src="data:image/png;base64,{picture}"'
 
-    body = MarkdownIt("commonmark").enable("table").render(markdown)
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown)  # no raw HTML
     body = re.sub(r'src="(figures/[^"]+\.png)"', inline, body)
     return (
         '<!doctype html><html><head><meta charset="utf-8"><style>'
