@@ -97,7 +97,9 @@ def test_a_champion_measured_on_other_data_is_measured_again(
     assert note.startswith("champion stays version 1: its test accuracy 0.9500")
 
     unlike = registry.promote(name, candidate(runs[2], 0.99, "data-c"), lambda version: None)
-    assert "predicts other classes, so it was not compared and keeps the alias" in unlike
+    assert unlike.startswith("champion moved to version 3 without a comparison: version 1 was")
+    assert "trained on other classes" in unlike
+    assert str(registry.champion(name).version) == "3"
 
 
 def test_a_score_that_is_not_a_number_is_never_registered(

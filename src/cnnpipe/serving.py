@@ -170,7 +170,14 @@ def load(model_uri: str) -> ImageClassifier:
     """The classifier of a logged or registered model, read as data: its MLmodel must name
     this module as the loader (no code or pickle from the model runs), its weights load with
     `weights_only` and its meta.json is validated. Anything else is a one-line `UserError`."""
-    local = Path(mlflow.artifacts.download_artifacts(model_uri))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(model_uri))
+    except (MlflowException, OSError) as err:
+        reason = err.message if isinstance(err, MlflowException) else str(err)
+        raise UserError(
+            f"cannot fetch {model_uri} from the tracking store ({reason}): was its artifact "
+            "folder deleted? Rerun evaluate to register a model again"
+        ) from None
     try:
         flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
         data = (local / flavor["data"]).resolve()
