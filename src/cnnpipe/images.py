@@ -59,7 +59,7 @@ logging.getLogger("PIL").addHandler(logging.NullHandler())
 class UnreadableImage(ValueError):
     """One image that cannot be used. `kind`: not_an_image | not_a_file | empty_file |
     cannot_open | unreadable | unsupported_format | too_large | decode_error | bad_pixels (and
-    bad_base64, from serving)."""
+    bad_base64 and bad_request, from serving)."""
 
     def __init__(self, kind: str, reason: str):
         super().__init__(reason)
@@ -93,6 +93,18 @@ def decode_bytes(data: bytes, image_size: int) -> np.ndarray:
     if not data:
         raise UnreadableImage("empty_file", "empty file (0 bytes)")
     return _decode(io.BytesIO(data), image_size)
+
+
+def declared_pixels(data: bytes) -> int:
+    """The pixels an image file's header declares (width x height), read without decoding
+    them; 0 when it is no image of `FORMATS`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with Image.open(io.BytesIO(data), formats=FORMATS) as image:
+                return image.width * image.height
+        except Exception:  # any header Pillow cannot parse: the decode says why
+            return 0
 
 
 def from_pixels(pixels, image_size: int) -> np.ndarray:
