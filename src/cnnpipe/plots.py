@@ -75,8 +75,8 @@ def samples_per_class(
     """A row of the first few images of each class, the class name on the left."""
     cells = []
     for row in range(len(classes)):
-        shown = [images[i] for i in np.flatnonzero(labels == row)[:per_class]]
-        cells += shown + [None] * (per_class - len(shown))
+        first = [images[i] for i in np.flatnonzero(labels == row)[:per_class]]
+        cells += first + [None] * (per_class - len(first))
     figure, ax, (height, _) = _tiles(cells, per_class, cell=1.1)
     for row, name in enumerate(classes):
         ax.text(-2, row * height + height / 2, shown(name), ha="right", va="center", fontsize=8)
