@@ -24,6 +24,7 @@ SOURCE_PATTERN = re.compile(
 Device = Literal["auto", "cpu", "cuda"]
 MIN_TRAIN_SHARE = 0.1  # of the images, left for training by data.val_fraction and test_fraction
 LEARNING_RATE = Field(ge=1e-8, le=1)
+MAX_DEPTH = 20  # levels of nested values in a params file (params.yaml has 3)
 
 
 class Section(BaseModel):
@@ -197,19 +198,26 @@ class Params(Section):
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader that refuses a key written twice in one mapping and any alias
-    (`*name`: a few lines of nested aliases expand to billions of values), and reads `1e-3`
-    as a number as YAML 1.2 does (PyYAML's YAML 1.1 needs `1.0e-3`)."""
+    """PyYAML's safe loader that refuses a key written twice in one mapping, any alias
+    (`*name`: a few lines of nested aliases expand to billions of values) and values nested
+    deeper than `MAX_DEPTH`, and reads `1e-3` as a number as YAML 1.2 does (PyYAML's YAML 1.1
+    needs `1.0e-3`)."""
+
+    depth = 0  # of the node being composed
 
     def compose_node(self, parent, index):
+        event = self.peek_event()
         if self.check_event(yaml.AliasEvent):
-            raise yaml.composer.ComposerError(
-                None,
-                None,
-                "aliases (*name) are not allowed: write the value out",
-                self.peek_event().start_mark,
-            )
-        return super().compose_node(parent, index)
+            reason = "aliases (*name) are not allowed: write the value out"
+            raise yaml.composer.ComposerError(None, None, reason, event.start_mark)
+        if self.depth >= MAX_DEPTH:
+            reason = f"values nested deeper than {MAX_DEPTH} levels"
+            raise yaml.composer.ComposerError(None, None, reason, event.start_mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -258,8 +266,6 @@ def read_yaml(path: Path) -> object:
         ) from None
     except yaml.YAMLError as err:
         raise UserError(f"{path} is not valid YAML: {err}") from None
-    except RecursionError:
-        raise UserError(f"{path} nests values too deeply to be a params file") from None
     except ValueError as err:  # e.g. an integer of more digits than Python converts
         raise UserError(f"{path} holds a value that cannot be read: {err}") from None
 

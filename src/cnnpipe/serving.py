@@ -90,9 +90,13 @@ def _texts_unpacked(cells: list) -> list:
     all)."""
     unpacked = []
     for cell in cells:
-        many = isinstance(cell, list | tuple | np.ndarray) and np.ndim(cell) == 1
-        if many and len(cell) and all(isinstance(item, str | bytes) for item in cell):
-            unpacked += list(cell)
+        items = cell.tolist() if isinstance(cell, np.ndarray) and cell.ndim == 1 else cell
+        if (
+            isinstance(items, list | tuple)
+            and items
+            and all(isinstance(i, str | bytes) for i in items)
+        ):
+            unpacked += list(items)
         else:
             unpacked.append(cell)
     return unpacked
