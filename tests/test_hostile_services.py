@@ -183,3 +183,11 @@ def test_bad_requests_are_a_4xx_json_error_without_a_stack_trace(served, body, s
     status, answer = ask(served, json.loads(text))
     assert 400 <= status < 500 and said in answer["message"], answer
     assert "stack_trace" not in answer
+
+
+def test_a_store_that_is_no_database_is_one_line(tmp_path, monkeypatch):
+    store = tmp_path / "mlflow.db"
+    store.write_bytes(bytes(range(256)) * 20)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    with pytest.raises(UserError, match="file is not a database"):
+        registry.champion("cnnpipe-classifier")

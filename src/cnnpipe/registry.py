@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from filelock import FileLock
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from sqlalchemy.exc import SQLAlchemyError
 
 from cnnpipe import tracking
 from cnnpipe.errors import UserError
@@ -53,18 +54,20 @@ def champion_gate() -> Iterator[None]:
 
 def champion(registered_model: str) -> ModelVersion | None:
     """The version that holds the `champion` alias; None when the registry answers that there
-    is none. A registry that fails (a database error, a server's error page) is a one-line
-    `UserError` that says so: it is not "no champion"."""
-    client = tracking.client()
+    is none. A registry that fails (a database error, a server's error page, a file that is
+    no database) is a one-line `UserError` that says so: it is not "no champion"."""
     try:
-        return client.get_model_version_by_alias(registered_model, CHAMPION)
+        return tracking.client().get_model_version_by_alias(registered_model, CHAMPION)
     except MlflowException as err:
         if _not_found(err):
             return None
-        raise UserError(
-            f"the model registry in {tracking.tracking_uri()} failed while looking up the "
-            f"champion of '{registered_model}': {err.message}"
-        ) from None
+        reason = err.message
+    except (OSError, SQLAlchemyError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    raise UserError(
+        f"the model registry in {tracking.tracking_uri()} failed while looking up the "
+        f"champion of '{registered_model}': {reason}"
+    )
 
 
 def _not_found(err: MlflowException) -> bool:
