@@ -403,7 +403,7 @@ def test_errors_that_pillow_logs_are_not_printed(tmp_path):
     result = subprocess.run(
         [sys.executable, "-c", code, str(tmp_path / "samples.tif")], capture_output=True, text=True
     )
-    assert (result.stdout, result.stderr) == ("not a readable image (corrupt TIFF)\n", "")
+    assert result.stdout.startswith("not a readable image (corrupt TIFF") and not result.stderr
 
 
 def png_header(width: int, height: int) -> bytes:

@@ -63,10 +63,13 @@ def test_allowed_models_come_from_the_model_table(tmp_path):
         ({"data.source": "s3://bucket"}, "data.source = 's3://bucket': Value error, must be"),
         ({"transfer.frozen_epochs": 9}, "frozen_epochs (9) cannot exceed epochs (5)"),
         ({"tracking.registered_model": "it's"}, 'tracking.registered_model = "it\'s"'),
-        ({"train.privacy.epsilon": 0}, "train.privacy.epsilon = 0: Input should be greater than 0"),
+        ({"train.privacy.epsilon": 0}, "train.privacy.epsilon = 0: Input should be greater"),
         ({"transfer.privacy.epsilon": -1.5}, "transfer.privacy.epsilon = -1.5: Input should be"),
         ({"train.privacy.delta": 1}, "train.privacy.delta = 1: Input should be less than 1"),
-        ({"train.privacy.delta": 0}, "train.privacy.delta = 0: Input should be greater than 0"),
+        (
+            {"train.privacy.delta": 0},
+            "train.privacy.delta = 0: Input should be greater than or equal to 0.000000000001",
+        ),
         (
             {"train.privacy.epsilon": 8, "train.nproc": 2},
             "train: train.privacy.epsilon is set with train.nproc = 2: private training runs in "

@@ -115,7 +115,7 @@ def test_served_champion_answers_http_requests(repo_store):
     expected = [classes[labels[i]] for i in shown for _ in range(2)]
     assert np.mean([p == e for p, e in zip(predicted, expected, strict=True)]) >= 0.8
     for row in answer:  # the class and its probability are the most likely of the columns
-        scores = {name: row[name] for name in classes}
+        scores = {name: row[f"probability:{name}"] for name in classes}
         assert row["class"] == max(scores, key=scores.get)
         assert row["probability"] == scores[row["class"]] and sum(scores.values()) == pytest.approx(
             1

@@ -19,6 +19,7 @@ from cnnpipe import layout
 from cnnpipe.errors import UserError
 from cnnpipe.params import load_params, preset
 
+LOOPBACK = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}  # Linux names
 # A stage's garbage collector runs a full collection after this many middle-generation ones
 # (CPython's default: 10).
 FULL_COLLECTION_EVERY = 100
@@ -26,18 +27,22 @@ FULL_COLLECTION_EVERY = 100
 
 def relaunch_under_torchrun(stage: str, nproc: int) -> int:
     """Run this stage again as `nproc` DDP processes on this machine (see README for
-    several machines); returns torchrun's exit status."""
+    several machines); returns torchrun's exit status. The processes find each other on the
+    loopback interface (`LOOPBACK`: the workers' gloo and NCCL sockets, the address they are
+    told) unless the environment names other interfaces."""
     command = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
+        "--local-addr=127.0.0.1",
         f"--nproc-per-node={nproc}",
         "-m",
         "cnnpipe",
         stage,
     ]
-    return subprocess.run(command, check=False).returncode
+    environment = (LOOPBACK if sys.platform == "linux" else {}) | dict(os.environ)
+    return subprocess.run(command, check=False, env=environment).returncode
 
 
 def run_stage(name: str) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +32,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from cnnpipe import networks
+from cnnpipe import networks, store
 from cnnpipe.runtime import Runtime, autocast
 from cnnpipe.store import Split
 
@@ -222,23 +223,37 @@ class Checkpoint:
     def save(self, state: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         staging = self.path.with_name(f".{self.path.name}.tmp")
-        torch.save(state | {"key": self.key}, staging)
+        store.save_tensors(state | {"key": self.key}, staging)
         os.replace(staging, self.path)
 
     def load(self) -> dict | None:
-        if not self.path.exists():
+        """The saved state, or None: none saved, or the file set aside with one line because
+        it was written for other params or data, or is no checkpoint (empty, truncated, not a
+        dict of tensors, a folder). Such a file would otherwise fail every rerun."""
+        if not os.path.lexists(self.path):
             return None
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
-        if state.get("key") == self.key:
-            return state
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as err:  # EOFError, RuntimeError, UnpicklingError, IsADirectoryError...
+            reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else ""
+            return self._set_aside(f"is not a readable checkpoint ({type(err).__name__} {reason})")
+        if not isinstance(state, dict):
+            return self._set_aside(f"holds a {type(state).__name__}, not a checkpoint")
+        if state.get("key") != self.key:
+            return self._set_aside("was written with other params or data")
+        return state
+
+    def _set_aside(self, why: str) -> None:
         set_aside = self.path.with_name("set-aside.pt")
+        if set_aside.is_dir() and not set_aside.is_symlink():
+            shutil.rmtree(set_aside)
+        else:
+            set_aside.unlink(missing_ok=True)
         os.replace(self.path, set_aside)
         print(
-            f"checkpoint {self.path} was written with other params or data; "
-            f"set aside as {set_aside}, starting afresh",
+            f"checkpoint {self.path} {why}; set aside as {set_aside}, starting afresh",
             file=sys.stderr,
         )
-        return None
 
 
 def print_epoch(

@@ -6,11 +6,13 @@ model sees in training and in serving cannot drift apart. Decoding one image eit
 one-line reason; no other exception and no Pillow warning comes out of it.
 
 The rules:
-- Formats are recognised by content, not by name, and only those the README lists are decoded
+- Formats are recognised by content, not by name (a file without an extension is tried too;
+  one with an extension of no image type is not), and only those the README lists are decoded
   (`FORMATS`); other content (EPS, ICO, TGA, DDS, ...) is refused with its name, so no other
   decoder (nor Ghostscript, for EPS) ever reads a user's pixels.
 - EXIF orientation is applied; a malformed EXIF block costs the rotation, never the image.
-- Any colour mode becomes RGB (alpha is dropped, palettes are looked up). High bit-depth grey
+- Any colour mode becomes RGB: palettes are looked up, and a transparent image is composited
+  on white (`BACKGROUND`), as a browser shows it on a white page. High bit-depth grey
   (16-bit, 32-bit integer, float) has no white point that cameras and scanners agree on (12-bit
   data in 16-bit files, floats in any unit), so it is stretched from its own darkest value
   (black) to its brightest (white); a flat image becomes black, NaN and -inf black, +inf white.
@@ -35,7 +37,8 @@ import numpy as np
 from PIL import ExifTags, Image
 
 FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")  # Pillow's names for them
-SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ""}
+BACKGROUND = (255, 255, 255)  # what a transparent pixel shows
 SUPPORTED = "jpg, png, bmp, gif, webp, tiff"
 MAX_PIXELS = 40_000_000  # e.g. 8000 x 5000
 _DOWNSCALED_WHILE_DECODING = ("JPEG", "MPO")  # MPO: a camera's JPEG with extra frames
@@ -56,7 +59,7 @@ logging.getLogger("PIL").addHandler(logging.NullHandler())
 class UnreadableImage(ValueError):
     """One image that cannot be used. `kind`: not_an_image | not_a_file | empty_file |
     cannot_open | unreadable | unsupported_format | too_large | decode_error | bad_pixels (and
-    bad_base64, from serving)."""
+    bad_base64 and bad_request, from serving)."""
 
     def __init__(self, kind: str, reason: str):
         super().__init__(reason)
@@ -65,14 +68,15 @@ class UnreadableImage(ValueError):
 
 def decode_file(path: Path, image_size: int) -> np.ndarray:
     """An image file, chosen by its suffix (`SUFFIXES`) and decoded by its content."""
-    if path.suffix.lower() not in SUFFIXES:
-        reason = f"not an image file type ({safe_name(path.suffix) or 'no extension'})"
-        raise UnreadableImage("not_an_image", reason)
     try:
         status = path.stat()
     except OSError as err:
         raise UnreadableImage("cannot_open", f"cannot open: {_one_line(err)}") from None
-    if not stat.S_ISREG(status.st_mode):  # a folder, or a pipe that would block the read
+    if stat.S_ISDIR(status.st_mode):
+        raise UnreadableImage("not_a_file", "a folder, not an image file")
+    if path.suffix.lower() not in SUFFIXES:
+        raise UnreadableImage("not_an_image", f"not an image file type ({safe_name(path.suffix)})")
+    if not stat.S_ISREG(status.st_mode):  # a pipe or device that would block the read
         raise UnreadableImage("not_a_file", "not a regular file")
     if status.st_size == 0:
         raise UnreadableImage("empty_file", "empty file (0 bytes)")
@@ -91,8 +95,20 @@ def decode_bytes(data: bytes, image_size: int) -> np.ndarray:
     return _decode(io.BytesIO(data), image_size)
 
 
+def declared_pixels(data: bytes) -> int:
+    """The pixels an image file's header declares (width x height), read without decoding
+    them; 0 when it is no image of `FORMATS`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with Image.open(io.BytesIO(data), formats=FORMATS) as image:
+                return image.width * image.height
+        except Exception:  # any header Pillow cannot parse: the decode says why
+            return 0
+
+
 def from_pixels(pixels, image_size: int) -> np.ndarray:
-    """An H x W x 3 (RGB), H x W x 4 (RGBA, alpha dropped), H x W x 1 or H x W (grey) array
+    """An H x W x 3 (RGB), H x W x 4 (RGBA, composited on white), H x W x 1 or H x W (grey) array
     of values from 0 to 255 (nested lists too), resized like a decoded file."""
     try:
         array = np.asarray(pixels)
@@ -183,8 +199,17 @@ def _upright(image: Image.Image) -> Image.Image:
 def _rgb_square(image: Image.Image, image_size: int) -> np.ndarray:
     if image.mode == "F" or image.mode.startswith("I"):  # I, I;16, I;16B, ...
         image = _stretched(image)
-    rgb = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
+    rgb = _opaque(image).resize((image_size, image_size), Image.Resampling.BICUBIC)
     return np.asarray(rgb, dtype=np.uint8)
+
+
+def _opaque(image: Image.Image) -> Image.Image:
+    """`image` as RGB, its transparent parts (an alpha band, a palette's or a colour's
+    transparency) composited on `BACKGROUND`."""
+    if image.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in image.info:
+        return image.convert("RGB")
+    background = Image.new("RGBA", image.size, BACKGROUND)
+    return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
 
 
 def _stretched(image: Image.Image) -> Image.Image:
@@ -210,13 +235,31 @@ def _unidentified(stream: BinaryIO) -> UnreadableImage:
     prefix = stream.read(16)
     for name in FORMATS:
         if _accepts(Image.OPEN[name][1], prefix):
-            return UnreadableImage("unreadable", f"not a readable image (corrupt {name})")
+            return _unreadable_as(name, stream)
     try:
         with Image.open(stream) as other:
             reason = f"{other.format} content is not a supported image format ({SUPPORTED})"
             return UnreadableImage("unsupported_format", reason)
     except Exception:
         return UnreadableImage("unreadable", "not a readable image (unknown or corrupt format)")
+
+
+def _unreadable_as(name: str, stream: BinaryIO) -> UnreadableImage:
+    """Why `stream`, which starts like a `name` file, cannot be opened as one: its plugin's
+    own reason, which tells a pixel layout Pillow lacks (float RGB TIFF) from corruption."""
+    stream.seek(0)
+    try:
+        Image.OPEN[name][0](stream).close()
+    except Exception as err:
+        if str(err) == "unknown pixel mode":
+            reason = (
+                f"a {name} of a pixel layout that is not supported (e.g. floating-point colour)"
+            )
+            return UnreadableImage("unsupported_format", f"{reason}: save it as 8-bit RGB")
+        return UnreadableImage(
+            "unreadable", f"not a readable image (corrupt {name}: {_one_line(err)})"
+        )
+    return UnreadableImage("unreadable", f"not a readable image (corrupt {name})")
 
 
 def _accepts(accept, prefix: bytes) -> bool:

@@ -30,6 +30,9 @@ SOURCE_PATTERN = re.compile(
     r"^(builtin:(digits|faces)|folder:.+|torchvision:(CIFAR10|CIFAR100|MNIST|FashionMNIST|KMNIST))$"
 )
 Device = Literal["auto", "cpu", "cuda"]
+MIN_TRAIN_SHARE = 0.1  # of the images, left for training by data.val_fraction and test_fraction
+LEARNING_RATE = Field(ge=1e-8, le=1)
+MAX_DEPTH = 20  # levels of nested values in a params file (params.yaml has 3)
 
 
 def size_or_auto(low: int, high: int):
@@ -44,7 +47,9 @@ def size_or_auto(low: int, high: int):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    """Every float must be a finite number (`.inf` and `.nan` are refused)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class DataParams(Section):
@@ -54,6 +59,17 @@ class DataParams(Section):
     test_fraction: float = Field(gt=0, lt=0.5)
     on_bad_image: Literal["skip", "fail"]
     workers: int = Field(ge=0, le=256)
+
+    @model_validator(mode="after")
+    def _room_for_training(self) -> DataParams:
+        train_share = 1 - self.val_fraction - self.test_fraction
+        if train_share < MIN_TRAIN_SHARE:
+            raise ValueError(
+                f"val_fraction ({self.val_fraction}) and test_fraction ({self.test_fraction})"
+                f" leave {train_share:.3g} of the images for training: lower them so that at"
+                f" least {MIN_TRAIN_SHARE} is left"
+            )
+        return self
 
     @field_validator("source")
     @classmethod
@@ -86,12 +102,16 @@ class PrivacyParams(Section):
     rate instead of its own: DP-SGD wants far larger batches than ordinary training. Whether
     `delta` is below 1 / (training images) is checked when the images are counted."""
 
-    epsilon: float | None = Field(gt=0)  # the privacy budget of the whole fit; null: off
-    delta: float | None = Field(gt=0, lt=1)  # null: 1 / (10 x training images)
-    max_grad_norm: float = Field(gt=0)  # each image's gradient is clipped to this L2 norm
+    # The bounds keep the noise calibration finite: below ε = 0.01 or δ = 1e-12 the noise
+    # needed grows without bound, above ε = 100 a fit is private in name only.
+    epsilon: float | None = Field(ge=0.01, le=100)  # the privacy budget of the whole fit; null: off
+    delta: float | None = Field(ge=1e-12, lt=1)  # null: 1 / (10 x training images)
+    max_grad_norm: float = Field(
+        ge=1e-6, le=1000
+    )  # each image's gradient is clipped to this L2 norm
     epochs: int = Field(ge=1, le=1000)
     batch_size: int = Field(ge=1, le=65536)  # expected images per step (Poisson sampling)
-    lr: float = Field(gt=0, le=100)
+    lr: float = Field(ge=1e-8, le=100)
 
     @property
     def enabled(self) -> bool:
@@ -105,7 +125,7 @@ class TrainingParams(Section):
     model: str
     epochs: int = Field(ge=1, le=1000)
     batch_size: int = Field(ge=1, le=4096)
-    lr: float = Field(gt=0, le=1)
+    lr: float = LEARNING_RATE
     weight_decay: float = Field(ge=0, le=1)
     device: Device
     deterministic: bool
@@ -156,7 +176,7 @@ class TransferParams(TrainingParams):
     weights: Literal["imagenet", "none"]
     input_size: size_or_auto(16, 512)  # auto: rules.transfer_input_size
     frozen_epochs: int = Field(ge=0, le=1000)
-    backbone_lr: float = Field(gt=0, le=1)
+    backbone_lr: float = LEARNING_RATE
 
     @model_validator(mode="after")
     def _frozen_within_epochs(self) -> TransferParams:
@@ -180,6 +200,21 @@ class TrackingParams(Section):
     registered_model: str = Field(min_length=1, max_length=200, pattern=r"^[\w.\- ]+$")
     log_images: bool
 
+    @field_validator("experiment")
+    @classmethod
+    def _a_name_not_a_path(cls, experiment: str) -> str:
+        """The experiment's artifacts go to `mlruns/<experiment>`: a name with a path in it
+        would put them elsewhere."""
+        if (
+            experiment in (".", "..")
+            or not experiment.isprintable()
+            or set("/\\") & set(experiment)
+        ):
+            raise ValueError(
+                "must be a plain name: printable characters without / or \\, not . or .."
+            )
+        return experiment
+
 
 class Params(Section):
     seed: int = Field(ge=0, le=2**32 - 1)
@@ -192,8 +227,26 @@ class Params(Section):
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader that refuses a key written twice in one mapping, and reads
-    `1e-3` as a number as YAML 1.2 does (PyYAML's YAML 1.1 needs `1.0e-3`)."""
+    """PyYAML's safe loader that refuses a key written twice in one mapping, any alias
+    (`*name`: a few lines of nested aliases expand to billions of values) and values nested
+    deeper than `MAX_DEPTH`, and reads `1e-3` as a number as YAML 1.2 does (PyYAML's YAML 1.1
+    needs `1.0e-3`)."""
+
+    depth = 0  # of the node being composed
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if self.check_event(yaml.AliasEvent):
+            reason = "aliases (*name) are not allowed: write the value out"
+            raise yaml.composer.ComposerError(None, None, reason, event.start_mark)
+        if self.depth >= MAX_DEPTH:
+            reason = f"values nested deeper than {MAX_DEPTH} levels"
+            raise yaml.composer.ComposerError(None, None, reason, event.start_mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -241,7 +294,9 @@ def read_yaml(path: Path) -> object:
             f"{path} is not UTF-8 text (byte {err.start}): is it a binary file?"
         ) from None
     except yaml.YAMLError as err:
-        raise UserError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+        raise UserError(f"{path} is not valid YAML: {err}") from None
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        raise UserError(f"{path} holds a value that cannot be read: {err}") from None
 
 
 def load_params(path: Path = PARAMS_FILE) -> Params:

@@ -1,4 +1,6 @@
-"""Pictures: sample grids, augmentation previews, confusion matrices, learning curves."""
+"""Pictures: sample grids, augmentation previews, confusion matrices, learning curves.
+
+Class names are data: every one reaches matplotlib through `shown`, never as markup."""
 
 from __future__ import annotations
 
@@ -10,6 +12,14 @@ import numpy as np  # noqa: E402
 from matplotlib import pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+
+def shown(text: str) -> str:
+    """`text` (a class name, a caption holding one) as matplotlib draws it literally: every
+    `$` escaped, since a pair of them would start TeX-like mathtext (which fails on most
+    names), and a leading `_` kept visible (legends hide labels that start with one)."""
+    literal = text.replace("$", r"\$")
+    return "\u200b" + literal if literal.startswith("_") else literal
 
 
 def _mosaic(cells: list[np.ndarray | None], cols: int, gap: int = 2) -> np.ndarray:
@@ -65,11 +75,11 @@ def samples_per_class(
     """A row of the first few images of each class, the class name on the left."""
     cells = []
     for row in range(len(classes)):
-        shown = [images[i] for i in np.flatnonzero(labels == row)[:per_class]]
-        cells += shown + [None] * (per_class - len(shown))
+        first = [images[i] for i in np.flatnonzero(labels == row)[:per_class]]
+        cells += first + [None] * (per_class - len(first))
     figure, ax, (height, _) = _tiles(cells, per_class, cell=1.1)
     for row, name in enumerate(classes):
-        ax.text(-2, row * height + height / 2, name, ha="right", va="center", fontsize=8)
+        ax.text(-2, row * height + height / 2, shown(name), ha="right", va="center", fontsize=8)
     return _laid_out(figure)
 
 
@@ -87,7 +97,8 @@ def confusion_matrix(matrix: np.ndarray, classes: list[str], title: str) -> Figu
     size = max(4.0, 0.45 * len(classes) + 2)
     figure, ax = plt.subplots(figsize=(size, size))
     # rows = actual, columns = predicted, as in reports/evaluate/predictions_*.csv plots
-    ConfusionMatrixDisplay(matrix, display_labels=classes).plot(ax=ax, colorbar=False)
+    labels = [shown(name) for name in classes]
+    ConfusionMatrixDisplay(matrix, display_labels=labels).plot(ax=ax, colorbar=False)
     ax.set_title(title)
     return _laid_out(figure)
 
@@ -129,8 +140,8 @@ def reliability_diagram(bins: dict[str, np.ndarray], title: str) -> Figure:
 def roc_and_pr_curves(curves: dict, title: str) -> Figure:
     figure, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(9, 4))
     for name, curve in curves.items():
-        roc_ax.plot(curve["fpr"], curve["tpr"], label=name)
-        pr_ax.plot(curve["recall"], curve["precision"], label=name)
+        roc_ax.plot(curve["fpr"], curve["tpr"], label=shown(name))
+        pr_ax.plot(curve["recall"], curve["precision"], label=shown(name))
     roc_ax.plot([0, 1], [0, 1], linestyle="--", color="grey")
     roc_ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC: {title}")
     pr_ax.set(xlabel="recall", ylabel="precision", title=f"precision-recall: {title}")
@@ -149,7 +160,12 @@ def labelled_grid(
     for i, caption in enumerate(captions):
         row, col = divmod(i, cols)
         ax.text(
-            col * width + width / 2, row * height - 1, caption, ha="center", va="bottom", fontsize=7
+            col * width + width / 2,
+            row * height - 1,
+            shown(caption),
+            ha="center",
+            va="bottom",
+            fontsize=7,
         )
     return _laid_out(figure)
 

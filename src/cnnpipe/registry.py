@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from filelock import FileLock
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from sqlalchemy.exc import SQLAlchemyError
 
 from cnnpipe import tracking
 from cnnpipe.errors import UserError
@@ -52,12 +53,29 @@ def champion_gate() -> Iterator[None]:
 
 
 def champion(registered_model: str) -> ModelVersion | None:
-    """The version that holds the `champion` alias, if any."""
-    client = tracking.client()
+    """The version that holds the `champion` alias; None when the registry answers that there
+    is none. A registry that fails (a database error, a server's error page, a file that is
+    no database) is a one-line `UserError` that says so: it is not "no champion"."""
     try:
-        return client.get_model_version_by_alias(registered_model, CHAMPION)
-    except MlflowException:
-        return None
+        return tracking.client().get_model_version_by_alias(registered_model, CHAMPION)
+    except MlflowException as err:
+        if _not_found(err):
+            return None
+        reason = err.message
+    except (OSError, SQLAlchemyError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    raise UserError(
+        f"the model registry in {tracking.tracking_uri()} failed while looking up the "
+        f"champion of '{registered_model}': {reason}"
+    )
+
+
+def _not_found(err: MlflowException) -> bool:
+    """Whether `err` is the registry's answer that the model, or its alias, does not exist."""
+    code = err.error_code
+    return code == "RESOURCE_DOES_NOT_EXIST" or (
+        code == "INVALID_PARAMETER_VALUE" and "not found" in err.message
+    )
 
 
 def register(registered_model: str, candidate: Candidate) -> ModelVersion:
@@ -100,7 +118,8 @@ def promote(
 ) -> str:
     """Register `candidate`; move `champion` to it only if it beats the champion. Returns the
     sentence the report shows. `score_champion(version)` measures the champion on the
-    candidate's test data (None when it predicts other classes and cannot be compared)."""
+    candidate's test data (None when it predicts other classes: then the two cannot be
+    compared, and the candidate, trained on the data of today, takes the alias)."""
     metric, value = candidate.metric, candidate.score
     if not math.isfinite(value):
         return f"not registered: its test {metric} is not a number ({value})."
@@ -119,9 +138,11 @@ def promote(
             )
         held = _champion_score(current, candidate, score_champion)
         if held is None:
+            make_champion(registered_model, version)
             return (
-                f"version {version} registered; the champion (version {current.version}) "
-                "predicts other classes, so it was not compared and keeps the alias."
+                f"champion moved to version {version} without a comparison: version "
+                f"{current.version} was trained on other classes, so their scores cannot be "
+                "compared, and the model of the current data wins."
             )
         if value > held:
             make_champion(registered_model, version)

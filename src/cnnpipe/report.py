@@ -1,7 +1,12 @@
-"""`reports/report.md`: the scratch and transfer models side by side, the chosen one and why."""
+"""`reports/report.md`: the scratch and transfer models side by side, the chosen one and why.
+
+Class names are data: every one reaches the Markdown (and the HTML made from it) through
+`markdown_text`, never as markup."""
 
 from __future__ import annotations
 
+import re
+import string
 from dataclasses import dataclass, field
 
 from cnnpipe.store import PrivacySpent
@@ -97,6 +102,24 @@ PRIVACY_NOTE = (
 )
 
 
+_MARKUP = re.compile("([" + re.escape(string.punctuation) + "])")
+
+
+def markdown_text(text: str) -> str:
+    """`text` as literal Markdown, table cells included: CommonMark lets a backslash escape
+    any ASCII punctuation, so every one is escaped (`|`, `<`, `*`, `[`, `&`, ...); leading
+    and trailing white space, which Markdown trims, is written as character references."""
+    escaped = _MARKUP.sub(r"\\\1", text)
+    core = escaped.strip()
+    head = escaped[: len(escaped) - len(escaped.lstrip())]
+    tail = escaped[len(escaped.rstrip()) :] if core else ""
+    return _references(head) + core + _references(tail)
+
+
+def _references(space: str) -> str:
+    return "".join(f"&#{ord(char)};" for char in space)
+
+
 def _shown(fmt: str, value: float | None) -> str:
     return "n/a" if value is None else fmt.format(value)
 
@@ -106,7 +129,9 @@ def _per_class(results: list[ModelResult]) -> list[str]:
     columns = list(rows[0])
     lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for row in rows:
-        cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()]
+        cells = [
+            f"{v:.3f}" if isinstance(v, float) else markdown_text(str(v)) for v in row.values()
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -12,6 +12,7 @@ import base64
 import binascii
 import io
 import platform
+import threading
 from importlib.metadata import version
 from pathlib import Path
 
@@ -36,6 +37,8 @@ PYFUNC_REQUIREMENTS = [
 ]
 # The logged model's environment, written out (from pip requirements alone MLflow would look
 # for pip's own version, which a uv environment does not have, and warn).
+REQUEST_PIXELS = 100_000_000  # the images of one request, together; each also `images.MAX_PIXELS`
+_DECODING = threading.Lock()
 CONDA_ENV = {
     "name": "cnnpipe",
     "channels": ["conda-forge"],
@@ -55,27 +58,83 @@ def decode_image(data: bytes | str, image_size: int) -> np.ndarray:
 
 def to_image(value, image_size: int) -> np.ndarray:
     """One cell of the `image` column: encoded bytes, base64 text, or an H x W x 3 array
-    (nested lists over JSON)."""
-    if isinstance(value, bytes | str):
-        return decode_image(value, image_size)
-    return images.from_pixels(value, image_size)
+    (nested lists over JSON). One decode at a time per process (`_DECODING`): each holds up to
+    `images.MAX_PIXELS` pixels, so concurrent requests cannot multiply that."""
+    with _DECODING:
+        if isinstance(value, bytes | str):
+            return decode_image(value, image_size)
+        return images.from_pixels(value, image_size)
+
+
+def image_cells(model_input) -> list:
+    """The images of a request, in every shape MLflow's scoring server hands them over: a
+    DataFrame or a dict with an `image` column (`dataframe_split`, `dataframe_records`,
+    `inputs: {"image": [...]}`), a list or 1-D array of encoded images (`inputs: [...]`,
+    `instances: [...]`), or pixel arrays (one H x W x C, or a stack)."""
+    if isinstance(model_input, pd.DataFrame | dict):
+        if "image" not in model_input:
+            columns = ", ".join(map(str, list(model_input)[:10])) or "none"
+            raise UnreadableImage("bad_request", f"no `image` column (columns: {columns})")
+        return list(model_input["image"])
+    if isinstance(model_input, list) or np.asarray(model_input).dtype == object:
+        return list(model_input)
+    array = np.asarray(model_input)
+    if array.dtype.kind in "US":  # base64 texts
+        return [str(text) for text in array.reshape(-1)]
+    return list(array[None] if array.ndim == 3 else array)
+
+
+def _texts_unpacked(cells: list) -> list:
+    """`cells`, with each cell that is a list of encoded images replaced by its images: how
+    MLflow hands over `inputs: {"image": [...]}` and `instances: [...]` (one row holding them
+    all)."""
+    unpacked = []
+    for cell in cells:
+        items = cell.tolist() if isinstance(cell, np.ndarray) and cell.ndim == 1 else cell
+        if (
+            isinstance(items, list | tuple)
+            and items
+            and all(isinstance(i, str | bytes) for i in items)
+        ):
+            unpacked += list(items)
+        else:
+            unpacked.append(cell)
+    return unpacked
 
 
 def to_batch(model_input, image_size: int) -> np.ndarray:
-    """A DataFrame with an `image` column, or uint8 H x W x 3 arrays (one, or a stack), as a
-    stack of decoded squares. Raises `UnreadableImage` naming the first image that is not one."""
-    if isinstance(model_input, pd.DataFrame):
-        cells, convert = list(model_input["image"]), to_image
-    else:
-        array = np.asarray(model_input)
-        cells, convert = (array[None] if array.ndim == 3 else array), images.from_pixels
+    """A request's images (`image_cells`) as a stack of decoded squares. Raises
+    `UnreadableImage` for an empty request, one over `REQUEST_PIXELS`, or naming the first
+    image that is not one."""
+    cells = _texts_unpacked(image_cells(model_input))
+    if not cells:
+        raise UnreadableImage("bad_request", "the request holds no image")
+    pixels = sum(map(_declared_pixels, cells))
+    if pixels > REQUEST_PIXELS:
+        reason = f"the request's images hold {pixels:,} pixels, more than {REQUEST_PIXELS:,}"
+        raise UnreadableImage("too_large", f"{reason}: send fewer or smaller images per request")
     squares = []
     for number, cell in enumerate(cells):
         try:
-            squares.append(convert(cell, image_size))
+            squares.append(to_image(cell, image_size))
         except UnreadableImage as err:
             raise UnreadableImage(err.kind, f"image {number}: {err}") from None
     return np.stack(squares)
+
+
+def _declared_pixels(cell) -> int:
+    """The pixels an image cell will decode to, from its header (0 if it has none: decoding
+    then says what is wrong with it)."""
+    if isinstance(cell, bytes | str):
+        try:
+            data = base64.b64decode(cell) if isinstance(cell, str) else cell
+            return images.declared_pixels(data)
+        except (binascii.Error, ValueError):
+            return 0
+    try:
+        return int(np.asarray(cell).size // 3)
+    except (ValueError, TypeError):
+        return 0
 
 
 def encoded(images: np.ndarray) -> pd.DataFrame:
@@ -88,19 +147,28 @@ def encoded(images: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({"image": files})
 
 
+def probability_columns(classes: list[str]) -> list[str]:
+    """The output's column of each class: `probability:<class>`. Class names are data, so
+    they never are a column name alone; no class can collide with `class`, `probability`
+    (neither has a colon) or with another class's column (names are distinct)."""
+    return [f"probability:{name}" for name in classes]
+
+
 def prediction_table(probabilities: np.ndarray, classes: list[str]) -> pd.DataFrame:
     best = probabilities.argmax(axis=1)
-    table = pd.DataFrame(probabilities, columns=classes)
-    table.insert(0, "probability", probabilities[np.arange(len(best)), best])
-    table.insert(0, "class", [classes[i] for i in best])
-    return table
+    columns = {
+        "class": [classes[i] for i in best],
+        "probability": probabilities[np.arange(len(best)), best],
+    }
+    columns |= dict(zip(probability_columns(classes), probabilities.T, strict=True))
+    return pd.DataFrame(columns)
 
 
 class ImageClassifier:
     """A model folder (`weights.pt` + `meta.json`) that takes raw images: a DataFrame column
     `image` whose cells are encoded files (bytes or base64 text) or uint8 H x W x 3 arrays, or
     such arrays directly. Output: one row per image with `class`, `probability` and one
-    probability column per class."""
+    column `probability:<class>` per class."""
 
     def __init__(self, model_dir: Path):
         self.model, self.meta = networks.load_trained(model_dir)
@@ -115,7 +183,10 @@ class ImageClassifier:
             batch = to_batch(model_input, self.meta.image_size)
         except UnreadableImage as err:
             raise MlflowException(
-                f"cannot read an image: {err}", error_code=INVALID_PARAMETER_VALUE
+                f"cannot read the request: {err}"
+                if err.kind in ("bad_request", "too_large")
+                else f"cannot read an image: {err}",
+                error_code=INVALID_PARAMETER_VALUE,
             ) from None
         return prediction_table(self.probabilities(batch), self.meta.classes)
 
@@ -139,7 +210,7 @@ def _load_pyfunc(data_path: str) -> ImageClassifier:
 def output_schema(classes: list[str]) -> Schema:
     return Schema(
         [ColSpec(DataType.string, "class"), ColSpec(DataType.double, "probability")]
-        + [ColSpec(DataType.double, name) for name in classes]
+        + [ColSpec(DataType.double, column) for column in probability_columns(classes)]
     )
 
 
@@ -174,7 +245,14 @@ def load(model_uri: str) -> ImageClassifier:
     """The classifier of a logged or registered model, read as data: its MLmodel must name
     this module as the loader (no code or pickle from the model runs), its weights load with
     `weights_only` and its meta.json is validated. Anything else is a one-line `UserError`."""
-    local = Path(mlflow.artifacts.download_artifacts(model_uri))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(model_uri))
+    except (MlflowException, OSError) as err:
+        reason = err.message if isinstance(err, MlflowException) else str(err)
+        raise UserError(
+            f"cannot fetch {model_uri} from the tracking store ({reason}): was its artifact "
+            "folder deleted? Rerun evaluate to register a model again"
+        ) from None
     try:
         flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
         data = (local / flavor["data"]).resolve()

@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import threading
 import time
+import unicodedata
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -34,7 +35,8 @@ TORCHVISION_ROOT = Path("data/torchvision")
 @dataclass
 class BadImage:
     path: str  # printable (`images.safe_name`)
-    kind: str  # an `UnreadableImage` kind, or broken_link | link_loop | not_a_file
+    kind: str  # an `UnreadableImage` kind, or broken_link | link_loop | relabelling_link |
+    # outside_link | not_a_file | cannot_open
     reason: str
 
 
@@ -163,17 +165,19 @@ def decode_files(paths: list[Path], first_item: int, image_size: int) -> Chunk:
 
 
 def list_folder(root: Path) -> FolderListing:
-    """The files of `root/<class>/**`: hidden files and folders (".*") left out, links to
-    folders followed (see `_files_under`)."""
+    """The files of `root/<class>/**`: hidden files and folders (".*") left out, links
+    followed only where they cannot relabel an image (see `_files_under`)."""
     if not root.is_dir():
         raise UserError(f"data folder {root} does not exist: point data.source at folder:<path>")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files, skipped = {}, []
-    for folder in class_dirs:
-        name = images.safe_name(folder.name)
-        if name in files:  # "caf\xe9" next to a folder whose name has the byte 0xe9
-            raise UserError(f"class folders {name} and {folder} have the same printed name")
-        files[name] = _files_under(folder, skipped)
+    skipped: list[BadImage] = []
+    class_dirs = _class_folders(root, skipped)
+    _require_distinct_names([folder.name for folder in class_dirs], root)
+    homes = {folder: os.path.realpath(folder) for folder in class_dirs}
+    tree = DataTree(os.path.realpath(root), tuple(homes.values()))
+    files = {
+        images.safe_name(folder.name): _files_under(folder, homes[folder], tree, skipped)
+        for folder in class_dirs
+    }
     if not any(files.values()):
         raise UserError(f"data folder {root} holds no images: put them in one sub-folder per class")
     classes = list(files)
@@ -184,11 +188,85 @@ def list_folder(root: Path) -> FolderListing:
     return FolderListing([f for fs in files.values() for f in fs], labels, classes, skipped)
 
 
-def _files_under(folder: Path, skipped: list[BadImage]) -> list[Path]:
-    """The files under `folder` at any depth, sorted. Links are followed, to files and to
-    folders; a link to a folder that contains it (a loop), a broken link (what `dvc gc` leaves
-    of a DVC symlink cache), an unlistable folder and anything that is not a regular file are
-    appended to `skipped` instead."""
+def _class_folders(root: Path, skipped: list[BadImage]) -> list[Path]:
+    """The class folders of `root`, sorted. A link among them that loops, or that leads into
+    the data folder itself or into another class's folder, is no class: it is skipped."""
+    found, links = [], []
+    for path in sorted(root.iterdir()):
+        if path.name.startswith("."):
+            continue
+        try:
+            is_folder = path.is_dir()
+        except OSError as err:  # a link loop (ELOOP), an unreadable mount
+            skipped.append(_skip(path, "link_loop", f"cannot follow: {err.strerror}"))
+            continue
+        if is_folder:
+            (links if path.is_symlink() else found).append(path)
+    real_root = os.path.realpath(root)
+    homes = [os.path.realpath(folder) for folder in found + links]
+    for link in links:
+        home = os.path.realpath(link)
+        overlaps = [other for other in homes if other != home and _overlap(home, other)]
+        if _within(home, real_root) or overlaps or homes.count(home) > 1:
+            reason = "class folder link into the data folder or another class: not followed"
+            skipped.append(_skip(link, "relabelling_link", reason))
+        else:
+            found.append(link)
+    return sorted(found)
+
+
+def _require_distinct_names(names: list[str], root: Path) -> None:
+    """Class names must differ as printed, after Unicode normalisation (NFC: "é" written as one
+    code point or as "e" + accent) and regardless of case: names equal in that sense look alike
+    in every report, and are one folder on case-insensitive file systems."""
+    seen: dict[str, str] = {}
+    for name in names:
+        key = unicodedata.normalize("NFC", unicodedata.normalize("NFC", name).casefold())
+        if key in seen:
+            raise UserError(
+                f"class folders {seen[key]} and {ascii(name)} in {images.safe_name(root)} have"
+                " the same name once Unicode-normalised and case-folded: rename or merge one"
+            )
+        seen[key] = ascii(name)
+
+
+@dataclass(frozen=True)
+class DataTree:
+    """Where a data folder's files really are (links resolved): its root and class folders."""
+
+    root: str
+    homes: tuple[str, ...]
+
+    def problem(self, target: str, home: str, is_folder: bool) -> tuple[str, str] | None:
+        """Why a link from inside the class folder `home` to `target` is not followed (a skip's
+        kind and reason), or None.
+        Into its own class folder: followed. Elsewhere into the data tree: not, since its
+        images would be labelled with this class. Outside the tree: files followed (DVC's
+        symlink cache lives there), folders not (a whole tree joining a class unseen)."""
+        if _within(target, home):
+            return None
+        if _within(target, self.root) or any(_within(target, h) for h in self.homes):
+            reason = "link into another part of the data folder: not followed (it would relabel it)"
+            return "relabelling_link", reason
+        if is_folder:
+            reason = "link to a folder outside the data folder: not followed (copy it in instead)"
+            return "outside_link", reason
+        return None
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _overlap(one: str, other: str) -> bool:
+    return _within(one, other) or _within(other, one)
+
+
+def _files_under(folder: Path, home: str, tree: DataTree, skipped: list[BadImage]) -> list[Path]:
+    """The files under `folder` (whose real path is `home`) at any depth, sorted. Links are
+    followed where `tree.problem` allows; a link to a folder that contains it (a loop), a
+    broken link (what `dvc gc` leaves of a DVC symlink cache), a link that loops on itself, an
+    unlistable folder and anything that is not a regular file are appended to `skipped`."""
     files = []
     pending = [(folder, frozenset([_identity(folder)]))]
     while pending:
@@ -199,17 +277,28 @@ def _files_under(folder: Path, skipped: list[BadImage]) -> list[Path]:
             skipped.append(_skip(current, "cannot_open", f"cannot list folder: {err.strerror}"))
             continue
         for entry in entries:
-            path = Path(entry.path)
             if entry.name.startswith("."):
                 continue
-            if entry.is_dir():
-                identity = _identity(path)
-                if identity in enclosing:
+            path = Path(entry.path)
+            try:
+                is_folder, is_file = entry.is_dir(), entry.is_file()
+            except OSError as err:  # a link loop (ELOOP)
+                skipped.append(_skip(path, "link_loop", f"cannot follow link: {err.strerror}"))
+                continue
+            problem = (
+                entry.is_symlink()
+                and (is_folder or is_file)
+                and tree.problem(os.path.realpath(path), home, is_folder)
+            )
+            if problem:
+                skipped.append(_skip(path, *problem))
+            elif is_folder:
+                if _identity(path) in enclosing:
                     reason = "link to a folder that contains it (a loop): not followed"
                     skipped.append(_skip(path, "link_loop", reason))
                 else:
-                    pending.append((path, enclosing | {identity}))
-            elif entry.is_file():
+                    pending.append((path, enclosing | {_identity(path)}))
+            elif is_file:
                 files.append(path)
             elif entry.is_symlink() and not path.exists():
                 target = images.safe_name(os.readlink(path))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import hashlib
 import json
 import os
@@ -37,16 +38,49 @@ class Split:
 
 
 @contextlib.contextmanager
+def disk_full_is_one_line(path: Path, needed: int | None = None) -> Iterator[None]:
+    """Turn a full disk while writing `path` into a one-line `UserError` naming it, the space
+    still free and (when known: `needed` bytes) the space the write needs."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise UserError(_disk_full(path, needed)) from None
+
+
+def _free_bytes(path: Path) -> int:
+    for folder in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(folder).free
+    return 0
+
+
+def _disk_full(path: Path, needed: int | None) -> str:
+    need = f", about {_size(needed)} needed" if needed else ""
+    return (
+        f"no space left on the disk writing {path} ({_size(_free_bytes(path))} free{need}):"
+        " free some space and run again; nothing was replaced"
+    )
+
+
+def _size(size: int) -> str:
+    return f"{size:,} bytes" if size < 1e6 else f"{size / 1e6:,.1f} MB"
+
+
+@contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary folder that replaces `final` only if the block finishes. Staging
-    folders that killed processes left next to `final` are removed first."""
+    """Yield a temporary folder that replaces `final` only if the block finishes (a full disk
+    is a one-line error, the temporary folder removed). Staging folders that killed
+    processes left next to `final` are removed first."""
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(final)
     staging = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        yield staging
+        with disk_full_is_one_line(final):
+            yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -90,8 +124,40 @@ def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(path)
     staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    staging.write_text(text)
+    try:
+        with disk_full_is_one_line(path, len(text.encode())):
+            staging.write_text(text)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
     staging.replace(path)
+
+
+def save_tensors(state: dict, path: Path) -> None:
+    """`torch.save(state, path)`; a full disk is a one-line error and leaves no partial file."""
+    import torch
+
+    needed = sum(t.nbytes for t in _tensors(state))
+    try:
+        # through a Python file: a failed write is then an OSError with its errno
+        with disk_full_is_one_line(path, needed), path.open("wb") as stream:
+            torch.save(state, stream)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def _tensors(value: object) -> Iterator:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _tensors(item)
 
 
 def write_json_atomic(path: Path, payload: object) -> None:
@@ -265,6 +331,13 @@ class ModelMeta(BaseModel):
             raise ValueError(f"unknown architecture (known: {', '.join(MODELS)})")
         return architecture
 
+    @field_validator("classes")
+    @classmethod
+    def _distinct(cls, classes: list[str]) -> list[str]:
+        if len(set(classes)) < len(classes):
+            raise ValueError("class names must be distinct")
+        return classes
+
     @field_validator("std")
     @classmethod
     def _positive(cls, std: tuple[float, ...]) -> tuple[float, ...]:
@@ -275,10 +348,8 @@ class ModelMeta(BaseModel):
 
 def write_model_folder(folder: Path, state_dict: dict, meta: ModelMeta) -> None:
     """A model folder: `weights.pt` (a state dict) and `meta.json` (how to rebuild and feed it)."""
-    import torch
-
     with atomic_dir(folder) as staging:
-        torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, staging / "weights.pt")
+        save_tensors({k: v.detach().cpu() for k, v in state_dict.items()}, staging / "weights.pt")
         write_json(staging / "meta.json", meta.model_dump(mode="json", exclude_none=True))
 
 

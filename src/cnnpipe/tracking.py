@@ -17,6 +17,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import getpass
+import http.client
+import json
 import logging
 import os
 import re
@@ -58,6 +60,10 @@ EXPERIMENT_NOTE = (
     "and a `transfer-…` run and press Compare: their params and test metrics share names."
 )
 HEALTH_TIMEOUT_S = 5
+API_PROBE = "api/2.0/mlflow/experiments/search?max_results=1"  # GET, answers JSON
+API_READ_LIMIT = 1 << 16  # bytes of the probe's answer read
+STORE_SCHEMES = ("http", "https", "databricks")
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # SQLAlchemy, with drivers: +psycopg
 # MLflow's HTTP client retries a failed request 7 times with doubling waits (minutes in all);
 # a stage that lost its server should notice within seconds. Users can still set these.
 HTTP_RETRY_DEFAULTS = {
@@ -94,21 +100,45 @@ def is_server(uri: str) -> bool:
 
 
 def server_unreachable(uri: str) -> str | None:
-    """Why the tracking server at `uri` does not answer, or None when it answers at all (an
-    HTTP error such as 401 still means the server is there; MLflow reports it properly)."""
+    """Why the tracking server at `uri` does not answer as MLflow's API does, or None when it
+    does. The check is one API call (`API_PROBE`) with a deadline, not the health page: a
+    proxy's login page answers 200 with HTML, and a server can answer its health page while
+    its API calls stall. An HTTP error such as 401 means the server is there (MLflow reports
+    it properly), unless its body is no JSON either."""
+    probe = f"{uri.rstrip('/')}/{API_PROBE}"
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S):
-            return None
-    except urllib.error.HTTPError:
-        return None
-    except (OSError, ValueError) as err:
+        with urllib.request.urlopen(probe, timeout=HEALTH_TIMEOUT_S) as answer:
+            return _not_mlflow(answer.headers.get_content_type(), answer.read(API_READ_LIMIT))
+    except urllib.error.HTTPError as err:
+        return _not_mlflow(err.headers.get_content_type(), err.read(API_READ_LIMIT))
+    except TimeoutError:
+        return f"no answer to an API call within {HEALTH_TIMEOUT_S} s"
+    except (OSError, ValueError, http.client.HTTPException) as err:
         return str(getattr(err, "reason", err))
 
 
+def _not_mlflow(content_type: str, body: bytes) -> str | None:
+    """What the server answered instead of MLflow's JSON, or None if it was JSON."""
+    try:
+        json.loads(body)
+        return None
+    except ValueError:
+        start = " ".join(body[:60].decode("utf-8", "replace").split())
+        return f"it answered {content_type} instead of MLflow's JSON, starting {start!r}"
+
+
 def check_server() -> str:
-    """The tracking URI, after checking that a tracking server there answers (a UserError in
-    one line if not), with MLflow's HTTP retries cut from minutes to seconds."""
+    """The tracking URI, after checking that it is a store MLflow can use (one-line UserError
+    if not): a tracking server that answers MLflow's API (see `server_unreachable`), with
+    MLflow's HTTP retries cut from minutes to seconds, or a database."""
     uri = tracking_uri()
+    scheme = uri.partition("://")[0].lower() if "://" in uri else ""
+    if scheme not in STORE_SCHEMES and not scheme.startswith(DATABASE_SCHEMES):
+        raise UserError(
+            f"MLFLOW_TRACKING_URI {uri} is not a store cnnpipe can use: give an http(s):// "
+            "tracking server or a database (sqlite:///, postgresql://, mysql://), or unset it"
+            " to use the local mlflow.db"
+        )
     if is_server(uri):
         for name, value in HTTP_RETRY_DEFAULTS.items():
             os.environ.setdefault(name, value)
@@ -212,7 +242,7 @@ def _html_with_pictures(markdown: str, folder: Path) -> str:
         picture = base64.b64encode((folder / match.group(1)).read_bytes()).decode()
         return f'src="data:image/png;base64,{picture}"'
 
-    body = MarkdownIt("commonmark").enable("table").render(markdown)
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown)  # no raw HTML
     body = re.sub(r'src="(figures/[^"]+\.png)"', inline, body)
     return (
         '<!doctype html><html><head><meta charset="utf-8"><style>'

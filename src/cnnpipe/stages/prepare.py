@@ -18,7 +18,6 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import count
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ from cnnpipe.sources import BadImage, ImageStream, native_shorter_sides, open_so
 SPOOL = "decoded.u8"  # inside the staging folder; removed before it becomes PREPARED
 EXAMPLES = 20  # cross-label duplicate groups named in the report
 DUPLICATE_COUNTS = ("groups", "images", "cross_label_groups")  # logged to MLflow
+MAX_ROUNDS = 64  # of `images_needed`: it settles in two or three
 
 
 @dataclass
@@ -70,11 +70,14 @@ def duplicate_groups(keys: list[bytes]) -> np.ndarray:
     return np.array([first.setdefault(key, row) for row, key in enumerate(keys)], dtype=np.int64)
 
 
-def smallest_class(total: int, val_fraction: float, test_fraction: float, own_test: bool) -> int:
+def smallest_class(
+    total: int, val_fraction: float, test_fraction: float, own_test: bool
+) -> int | None:
     """The fewest distinct images a class needs, among `total`, to be sure of at least one in
     each split that `split_indices` draws (with `own_test`: train and val only; `total` is then
-    the source's train part). scikit-learn's stratified split gives each class the floor or the
-    ceiling of its share of the first part and the remainder to the second."""
+    the source's train part); None when no class of at most `total` images can be. scikit-learn's
+    stratified split gives each class the floor or the ceiling of its share of the first part
+    and the remainder to the second."""
     n_test = 0 if own_test else math.ceil(test_fraction * total)
     rest = total - n_test
     val_share = val_fraction if own_test else val_fraction / (1 - test_fraction)
@@ -85,19 +88,23 @@ def smallest_class(total: int, val_fraction: float, test_fraction: float, own_te
         in_test = own_test or size * n_test >= total
         return in_test and kept * n_val >= rest and kept * (rest - n_val) >= rest
 
-    return next(size for size in count(2) if sure(size))
+    return next((size for size in range(2, total + 1) if sure(size)), None)
 
 
-def images_needed(sizes: np.ndarray, val_fraction, test_fraction, own_test: bool) -> int:
+def images_needed(sizes: np.ndarray, val_fraction, test_fraction, own_test: bool) -> int | None:
     """`smallest_class` for these class sizes, raised until it still holds once the smaller
-    classes have grown to it (more images can raise the bound by one: rounding)."""
+    classes have grown to it (more images can raise the bound by one: rounding); None when
+    these fractions cannot give every class an image in every split."""
     needed = smallest_class(int(sizes.sum()), val_fraction, test_fraction, own_test)
-    while True:
+    for _ in range(MAX_ROUNDS):
+        if needed is None:
+            return None
         grown = int(np.maximum(sizes, needed).sum())
         again = smallest_class(grown, val_fraction, test_fraction, own_test)
-        if again <= needed:
+        if again is not None and again <= needed:
             return needed
         needed = again
+    return needed
 
 
 def _require_class_sizes(
@@ -108,9 +115,16 @@ def _require_class_sizes(
     own_test: bool,
 ) -> None:
     sizes = np.bincount(labels, minlength=len(classes))
-    if sizes.min() >= smallest_class(len(labels), val_fraction, test_fraction, own_test):
+    enough = smallest_class(len(labels), val_fraction, test_fraction, own_test)
+    if enough is not None and sizes.min() >= enough:
         return
     needed = images_needed(sizes, val_fraction, test_fraction, own_test)
+    if needed is None:
+        raise UserError(
+            f"data.val_fraction {val_fraction} and data.test_fraction {test_fraction} leave"
+            f" no training image for some class among {len(labels)} images: lower them, or"
+            " add images"
+        )
     small = [f"{classes[c]} ({sizes[c]})" for c in np.flatnonzero(sizes < needed)]
     splits = "train and val" if own_test else "train, val and test"
     raise UserError(
@@ -250,6 +264,7 @@ def prepare_into(
     """Decode `stream`, split it (val and test `fractions`) with duplicates kept together, and
     write the split folder `folder`. Returns the files that could not be read and the
     duplicates' summary."""
+    _require_room(stream, fractions)
     decoded = decode_to_spool(stream, folder / SPOOL)
     labels = stream.labels[decoded.items]
     test_rows = None
@@ -266,6 +281,16 @@ def prepare_into(
         decoded.keys, labels, splits, lambda row: stream.name_of(int(decoded.items[row]))
     )
     return decoded.bad_images, duplicates
+
+
+def _require_room(stream: ImageStream, fractions: tuple[float, float]) -> None:
+    """The class-size check on the labels alone, before a pixel is decoded: decoding can only
+    lose images (unreadable files, duplicates), so a class too small now stays too small."""
+    if stream.test_items is None:
+        _require_class_sizes(stream.labels, stream.classes, *fractions, own_test=False)
+    else:
+        rest = np.setdiff1d(np.arange(len(stream.labels)), stream.test_items)
+        _require_class_sizes(stream.labels[rest], stream.classes, *fractions, own_test=True)
 
 
 def _within_parts(keys: list[bytes], test_rows: np.ndarray) -> list[bytes]:
