@@ -105,6 +105,7 @@ def test_the_pipeline_is_the_layouts_stages_in_order():
 def test_each_stage_declares_the_params_the_layout_says_it_reads(stage):
     assert declared(stage)["params"] == list(layout.STAGES[stage].params)
     assert declared(stage)["cmd"] == f"cnnpipe {stage}"
+    assert declared(stage).get("always_changed", False) == layout.STAGES[stage].always_changed
 
 
 @pytest.mark.parametrize("stage", list(layout.STAGES))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -158,6 +159,31 @@ def test_pipeline_runs_on_a_new_folder_and_reports_its_bad_files(
     for stage in RUNS:
         data = runs[stage][0].data
         assert SECRET not in json.dumps([data.params, data.tags]), stage
+    assert not pictures_of_data(repo_copy / "mlruns")
+
+
+# The pictures evaluate draws of numbers only (learning curves, confusion matrices,
+# reliability diagrams, ROC and precision-recall curves).
+NUMBERS_ONLY = re.compile(r"(learning_curves|confusion|reliability|roc_pr)\.png$")
+IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF")
+
+
+def pictures_of_data(store: Path) -> list[str]:
+    """Every file anywhere in an MLflow artifact store that holds or embeds an image, other
+    than pictures of numbers: artifacts, logged models and their input examples."""
+    found = []
+    for path in store.rglob("*"):
+        if not path.is_file() or NUMBERS_ONLY.search(path.name):
+            continue
+        content = path.read_bytes()
+        if path.suffix == ".html":  # the report, its figures inlined: by their names
+            inlined = re.findall(r'<img src="data:[^"]*" alt="([^"]*)"', content.decode())
+            found += [name for name in inlined if not NUMBERS_ONLY.search(name)]
+            continue
+        embedded = b"iVBORw0KGgo" in content or b"/9j/" in content  # PNG or JPEG in base64
+        if content.startswith(IMAGE_MAGIC) or "input_example" in path.name or embedded:
+            found.append(str(path.relative_to(store)))
+    return found
 
 
 def test_data_pictures_are_logged_by_default(digits_repo):

@@ -162,7 +162,9 @@ def test_auto_sizes_follow_their_rules():
     assert rules.working_size([8] * 5) == rules.MIN_SIZE  # digits: as before
     assert rules.working_size([300, 300, 250]) == rules.MAX_SIZE  # photos: capped
     assert rules.working_size([70, 75, 90]) == 72
-    assert rules.transfer_input_size(224, 32) == 64 and rules.transfer_input_size(224, 128) == 128
+    assert rules.transfer_input_size(224, 32, 1167) == 64  # digits: upsampled as before
+    assert rules.transfer_input_size(224, 32, 51_000) == 32  # 51k images: no upsampling
+    assert rules.transfer_input_size(224, 128, 2000) == 128
 
 
 def test_auto_precision_is_bf16_only_where_it_is_fast():

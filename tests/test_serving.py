@@ -152,7 +152,7 @@ def test_predict_without_a_champion_says_what_to_do(tmp_path, monkeypatch):
     assert result.returncode == 2
     (line,) = result.stderr.splitlines()  # one line, no traceback
     assert "no champion of 'cnnpipe-classifier'" in line
-    assert "dvc repro -f -s evaluate record" in line
+    assert "dvc repro -f -s record" in line
     assert registry.champion(MODEL) is None
 
 

@@ -77,6 +77,8 @@ class Stage:
     # The module whose `run(params, recorder)` is the stage (default cnnpipe.stages.<name>);
     # one outside `cnnpipe.stages` is MLflow's own and makes its run itself: `run(params)`.
     module: str = ""
+    # Run by every `dvc repro`: its state (the MLflow store) is outside DVC's view.
+    always_changed: bool = False
 
     @property
     def entry(self) -> str:
@@ -152,9 +154,10 @@ STAGES = {
             ),
             identity=(EVALUATION / "metrics.json", CHOSEN, REPORT),
         ),
-        # MLflow's side of the pipeline: the pipeline run and the registry (record.py). No
-        # outputs, so DVC's run-cache never restores it: it runs once for every `dvc repro` or
-        # `dvc exp run` that changed any param or result, cached stages or not.
+        # MLflow's side of the pipeline: the pipeline run and the registry (record.py). The
+        # store is outside DVC's view, so it runs on every `dvc repro` (a fresh clone's too,
+        # whose other stages DVC skips) and does nothing when the store already holds this
+        # execution.
         Stage(
             "record",
             params=("seed", "data", "augment", "train", "transfer", "evaluate", "tracking"),
@@ -166,6 +169,7 @@ STAGES = {
                 REPORT,
             ),
             module="cnnpipe.record",
+            always_changed=True,
         ),
     )
 }

@@ -7,14 +7,20 @@
 2. The pipeline run, named after the DVC experiment (`dvc exp run`) or `workspace` (`dvc
    repro`): every param under the names `dvc exp show` uses (`train.lr`), both models' test
    scores and best val scores (`accuracy.scratch`, `scratch.best_val_accuracy`), the registry's
-   decision, and links to the stage runs that produced them, found through the evaluation's
-   fingerprint, whether those stages ran now or DVC skipped them or restored them from its
-   cache.
+   decision, and links to the stage runs that produced them, found through the fingerprints
+   of their outputs, whether those stages ran now or DVC skipped them or restored them from
+   its cache.
 
-Unlike the stages before it, record is MLflow and nothing else: it opens its own run.
+Unlike the stages before it, record is MLflow and nothing else: it opens its own run. The
+store is outside DVC's view, so DVC runs record on every `dvc repro` (`always_changed`): a
+fresh clone's first repro, which reproduces the committed outputs and skips the other
+stages, still ends with a registered champion; an execution already recorded is left alone.
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
 
 from cnnpipe import layout, metrics, registry, serving, store, tracking
 from cnnpipe.params import Params
@@ -62,11 +68,39 @@ def promote(params: Params, chosen: dict, stage_runs: dict[str, str | None]) -> 
     return registry.promote(params.tracking.registered_model, candidate, score_champion)
 
 
-def run(params: Params) -> None:
-    experiment = params.tracking.experiment
+def execution_fingerprint(params: Params) -> str:
+    """What identifies a pipeline execution: its experiment name, every param and the
+    evaluation's outputs."""
     identity = layout.STAGES["evaluate"].identity
-    evaluation = tracking.find_run(experiment, "evaluate", store.fingerprint(*identity))
-    stage_runs = tracking.lineage(evaluation)
+    key = json.dumps(
+        [tracking.execution_name(), params.model_dump(mode="json"), store.fingerprint(*identity)],
+        sort_keys=True,
+    )
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def stage_runs_of_outputs(experiment: str) -> dict[str, str | None]:
+    """For each stage, its newest run that wrote the outputs in the workspace (by their
+    fingerprint), whether it ran in this execution or an earlier one; None where none did
+    (evaluate on a fresh clone, whose committed evaluation DVC keeps)."""
+    fingerprints = {
+        stage.name: store.fingerprint(*stage.identity)
+        for stage in layout.STAGES.values()
+        if stage.identity and all(path.exists() for path in stage.identity)
+    }
+    return tracking.find_runs(experiment, fingerprints)
+
+
+def run(params: Params) -> None:
+    """Record this execution once: a `dvc repro` with nothing new (record runs on every one)
+    finds its pipeline run and the registered model, and does nothing more."""
+    experiment = params.tracking.experiment
+    fingerprint = execution_fingerprint(params)
+    recorded = tracking.find_run(experiment, "pipeline", fingerprint)
+    if recorded and registry.champion(params.tracking.registered_model) is not None:
+        print(f"this pipeline execution is recorded already: MLflow run {recorded}")
+        return
+    stage_runs = stage_runs_of_outputs(experiment)
     decision = promote(params, store.read_json(layout.CHOSEN), stage_runs)
     with tracking.stage_run(
         "pipeline",
@@ -79,5 +113,6 @@ def run(params: Params) -> None:
         mlrun.log_metrics(values)
         note = tracking.pipeline_note(experiment, stage_runs, values)
         mlrun.describe(f"{note}\n\nRegistry: {decision}")
+        mlrun.set_fingerprint(fingerprint)
     print(f"registry: {decision}")
     print(f"recorded this pipeline execution as MLflow run {mlrun.run_id or '(not sent)'}")

@@ -298,11 +298,13 @@ class StageRun:
     lost, nothing more is sent (no waiting on retries each epoch); what was not sent is listed
     in warnings instead."""
 
-    def __init__(self, uri: str, log_images: bool, upstream: dict[str, str | None]):
+    def __init__(
+        self, uri: str, log_images: bool, upstream: dict[str, str | None] | None = None
+    ):
         self.run_id: str | None = None  # None until the server has answered `start`
         self.uri = uri
         self.log_images = log_images
-        self.upstream = upstream  # stage -> its run that made this stage's inputs (or None)
+        self.upstream = upstream or {}  # stage -> the run that made this stage's inputs
         self.not_sent: list[str] = []
 
     def start(
@@ -565,7 +567,7 @@ def stage_run(
         tags["model"] = model
     for upstream_stage, run_id in (upstream or {}).items():
         tags[UPSTREAM_TAG.format(stage=upstream_stage)] = run_id or "not found"
-    run = StageRun(tracking_uri(), log_images, upstream or {})
+    run = StageRun(tracking_uri(), log_images, upstream)
     if system_metrics:
         mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
         mlflow.set_system_metrics_samples_before_logging(1)
@@ -634,25 +636,6 @@ def logged_model_id(run_id: str) -> str:
     if outputs is None or not outputs.model_outputs:
         raise UserError(f"run {run_id} logged no model: rerun its stage (dvc repro --force)")
     return outputs.model_outputs[-1].model_id
-
-
-def lineage(evaluation: str | None) -> dict[str, str | None]:
-    """The stage runs behind an evaluation run: it, the runs that trained its two models and
-    the runs that prepared and augmented their data, by their upstream tags (None where a
-    run is not in the store, e.g. results pulled from a DVC remote)."""
-    found: dict[str, str | None] = {s: None for s in layout.STAGES if s != "record"}
-    found["evaluate"] = evaluation
-    store, todo = client(), [evaluation]
-    while todo:
-        run_id = todo.pop()
-        if run_id is None:
-            continue
-        for key, value in store.get_run(run_id).data.tags.items():
-            stage = key.removeprefix(UPSTREAM_TAG.format(stage=""))
-            if stage != key and stage in found and found[stage] is None and value != "not found":
-                found[stage] = value
-                todo.append(value)
-    return found
 
 
 def pipeline_note(experiment: str, stage_runs: dict[str, str | None], scores: dict) -> str:

@@ -63,16 +63,18 @@ def private_phases(transfer: TransferParams) -> list[fit.Phase]:
     ]
 
 
-def input_size(transfer: TransferParams, image_size: int) -> int:
+def input_size(transfer: TransferParams, image_size: int, train_images: int) -> int:
     if transfer.input_size != "auto":
         return transfer.input_size
-    return rules.transfer_input_size(networks.pretrained_size(transfer.model), image_size)
+    pretrained = networks.pretrained_size(transfer.model)
+    return rules.transfer_input_size(pretrained, image_size, train_images)
 
 
 def run(params: Params, recorder: Recorder) -> None:
     transfer = params.transfer
     image_size = store.image_size(layout.PREPARED)
-    size = input_size(transfer, image_size)
+    train_images = len(store.read_split(layout.AUGMENTED, "train"))
+    size = input_size(transfer, image_size, train_images)
     fit.run(
         fit.Recipe(
             layout.TRANSFER,
