@@ -289,7 +289,9 @@ class Trainer:
     seed: int
     total_epochs: int
     checkpoint: Checkpoint | None = None
-    on_epoch: Callable[[EpochRecord, float], None] = lambda record, images_per_second: None
+    # Called after each epoch; a true answer stops the fit after that epoch (a pruned trial).
+    on_epoch: Callable[[EpochRecord, float], bool | None] = lambda record, speed: None
+    stopped_at: int | None = None  # the epoch after which `on_epoch` stopped the fit
     history: list[EpochRecord] = field(default_factory=list)
     best_state: dict[str, torch.Tensor] | None = None
 
@@ -345,6 +347,8 @@ class Trainer:
                 if private is not None:
                     state["private"] = private.state_dict()
                 self.checkpoint.save(state)
+            if self.stopped_at is not None:
+                return
 
     def _device_ids(self) -> list[int] | None:
         return [self.device.index] if self.device.type == "cuda" else None
@@ -410,7 +414,8 @@ class Trainer:
         left = (time.perf_counter() - started) * (self.total_epochs - epoch)
         if self.runtime.is_main:
             print_epoch(record, self.total_epochs, images_per_second, left)
-            self.on_epoch(record, images_per_second)
+            if self.on_epoch(record, images_per_second):
+                self.stopped_at = epoch
 
     def _state(self, optimizer, scheduler, phase: str) -> dict:
         return {

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cnnpipe import engine, layout, models, networks, plots, serving, store, tracking
+from cnnpipe import engine, layout, models, networks, plots, serving, store, tracking, trial
 from cnnpipe.engine import EpochRecord, Trainer
 from cnnpipe.params import Params, PrivacyParams, TrainingParams
 from cnnpipe.store import Split
@@ -84,6 +84,7 @@ class Fitted:
     history: list[EpochRecord]
     train_images: int  # the images it learnt from (an augmented copy is another image)
     privacy: store.PrivacySpent | None = None  # a private fit: the ε it spent, at δ
+    pruned_at: int | None = None  # a pruned trial of `cnnpipe tune`: the epoch it stopped after
 
 
 def fit_data(recipe: Recipe) -> tuple[Split, Split, list[str]]:
@@ -102,15 +103,17 @@ def checkpoint(recipe: Recipe, logged_params: dict, fingerprints: dict) -> engin
     return engine.Checkpoint(recipe.target.checkpoint, hashlib.sha256(key.encode()).hexdigest())
 
 
-def epoch_logger(mlrun, private=None) -> Callable[[EpochRecord, float], None]:
+def epoch_logger(mlrun, private=None, report=None) -> Callable[[EpochRecord, float], bool]:
     """Logs each epoch to the stage's run; with `private` (a `privacy.PrivateFit`), the ε spent
-    so far too, also printed."""
+    so far too, also printed. With `report` (`trial.epoch_reporter`), reports the epoch's val
+    score to the trial of `cnnpipe tune` and answers True when the trial is pruned."""
 
-    def log(record: EpochRecord, images_per_second: float) -> None:
+    def log(record: EpochRecord, images_per_second: float) -> bool:
         spent = {"epsilon": private.epsilon()} if private is not None else {}
         if spent:
             print(f"epoch {record.epoch}: ε spent {spent['epsilon']:.2f}", file=sys.stderr)
         mlrun.log_epoch(vars(record) | spent, images_per_second)
+        return report is not None and report(record.epoch, getattr(record, report.metric))
 
     return log
 
@@ -182,7 +185,10 @@ def fit_phases(job: Job) -> Fitted:
         job.checkpoint,
     )
     until, private = 0, None
+    report = trial.epoch_reporter(job.recipe.target.stage)
     for phase in phases:
+        if trainer.stopped_at is not None:
+            break
         until += phase.epochs
         # A phase the checkpoint has finished needs no optimiser (the first one built imports
         # torch._dynamo: seconds); a private one is resumed all the same, for the ε it spent.
@@ -200,10 +206,12 @@ def fit_phases(job: Job) -> Fitted:
             )
         steps = private.steps_per_epoch if private else trainer.steps_per_epoch()
         schedule = phase.schedule(optimizer, phase.epochs * steps) if phase.schedule else None
-        trainer.on_epoch = epoch_logger(job.mlrun, private)
+        trainer.on_epoch = epoch_logger(job.mlrun, private, report)
         trainer.run(optimizer, until, schedule, phase=phase.name, private=private)
     spent = store.PrivacySpent(epsilon=private.epsilon(), delta=private.delta) if private else None
-    return Fitted(trainer.best_model(), trainer.history, len(job.train), spent)
+    if trainer.stopped_at is not None:
+        print(f"trial pruned after epoch {trainer.stopped_at}", file=sys.stderr)
+    return Fitted(trainer.best_model(), trainer.history, len(job.train), spent, trainer.stopped_at)
 
 
 def _privacy():
@@ -252,10 +260,11 @@ def publish(fitted: Fitted, target: layout.TrainedModel, meta: store.ModelMeta, 
     store.write_csv(target.history, rows)
     best_metrics = {f"best_{k}": v for k, v in vars(best).items()}
     spent = fitted.privacy.model_dump() if fitted.privacy else {}
-    store.write_json_atomic(target.metrics, best_metrics | spent)
+    pruned = {trial.PRUNED_KEY: fitted.pruned_at} if fitted.pruned_at is not None else {}
+    store.write_json_atomic(target.metrics, best_metrics | spent | pruned)
 
     mlrun.set_fingerprint(store.fingerprint(target.folder))
-    mlrun.log_metrics(best_metrics | {k: v for k, v in spent.items() if k != "epsilon"})
+    mlrun.log_metrics(best_metrics | pruned | {k: v for k, v in spent.items() if k != "epsilon"})
     if fitted.privacy:  # at the last epoch, where the per-epoch values end (a resumed run too)
         mlrun.log_metrics({"epsilon": fitted.privacy.epsilon}, step=len(fitted.history))
     figure = plots.learning_curves(rows, f"{target.name} ({meta.architecture})")
@@ -269,6 +278,8 @@ def publish(fitted: Fitted, target: layout.TrainedModel, meta: store.ModelMeta, 
         if fitted.privacy
         else ""
     )
+    if pruned:
+        guarantee += f"; a trial of `cnnpipe tune`, pruned after epoch {fitted.pruned_at}"
     mlrun.describe(
         f"The **{target.name}** model: `{meta.architecture}`, {len(fitted.history)} epochs "
         f"on {fitted.train_images} training images{guarantee}; best val accuracy "

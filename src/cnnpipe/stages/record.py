@@ -9,7 +9,9 @@ DVC skipped them or restored them from its cache.
 
 from __future__ import annotations
 
-from cnnpipe import layout, store, tracking
+import mlflow
+
+from cnnpipe import layout, store, tracking, trial
 from cnnpipe.params import Params
 
 
@@ -28,10 +30,12 @@ def run(params: Params) -> None:
     with tracking.stage_run(
         "pipeline",
         experiment,
-        dict(layout.flatten(params.model_dump())),
+        dict(layout.flatten(params.model_dump(exclude={"tune"}))),
         upstream=stage_runs,
         run_name=tracking.execution_name(),
     ) as mlrun:
+        if mlrun.run_id and (trial_tags := trial.pipeline_tags()):
+            mlflow.set_tags(trial_tags)  # a trial of `cnnpipe tune`: a child of its study's run
         values = scores()
         mlrun.log_metrics(values)
         mlrun.describe(tracking.pipeline_note(experiment, stage_runs, values))
