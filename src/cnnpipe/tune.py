@@ -15,6 +15,7 @@ study (tune_mlflow.py); every trial's pipeline run is its child.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -196,6 +197,14 @@ class Running:
     log: Path
 
 
+def die_with_parent() -> None:
+    """In a trial's `dvc exp run`, before it starts: ask Linux to kill it when this worker
+    dies, even by SIGKILL (a worker stopped by SIGTERM or Ctrl-C stops its trials itself)."""
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 def experiment_name(study: str, number: int) -> str:
     return f"{study}-{number}"
 
@@ -223,13 +232,18 @@ def launch(asked: optuna.Trial, config: Settings, parent_run: str | None) -> Run
     env = os.environ | link.to_env() | {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     sets = [f"{k}={yaml_value(v)}" for k, v in (config.overrides | sampled).items()]
     dvc = shutil.which("dvc", path=str(Path(sys.executable).parent)) or "dvc"
-    command = [dvc, "exp", "run", "--temp", "--force", "-n", name]
+    command = [dvc, "exp", "run", "--temp", "-n", name]
     command += [arg for pair in sets for arg in ("-S", pair)]
     log = repo_root() / LOGS / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
         process = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=die_with_parent if sys.platform == "linux" else None,
         )
     shown = ", ".join(f"{k}={yaml_value(v)}" for k, v in sampled.items())
     print(f"trial {asked.number} ({name}) started: {shown}", flush=True)
@@ -285,6 +299,10 @@ class Heartbeat(threading.Thread):
         self.trial_ids: set[int] = set()
         self.stopping = threading.Event()
 
+    def add(self, trial_id: int) -> None:
+        self.storage.record_heartbeat(trial_id)  # a trial without one never goes stale
+        self.trial_ids.add(trial_id)
+
     def run(self) -> None:
         while not self.stopping.wait(self.interval):
             for trial_id in list(self.trial_ids):
@@ -339,7 +357,7 @@ def work(study: optuna.Study, config: Settings, parent_run: str | None) -> None:
                     study.tell(asked, state=TrialState.FAIL)
                     asked.set_user_attr("not_run", "the study already had its trials")
                     break
-                heartbeat.trial_ids.add(asked._trial_id)
+                heartbeat.add(asked._trial_id)
                 running.append(launch(asked, config, parent_run))
             if not running:
                 return
