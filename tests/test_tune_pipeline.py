@@ -18,12 +18,13 @@ from test_experiments import experiments
 pytestmark = pytest.mark.e2e
 
 GOOD_LR, STUCK_LR = 0.01, 1e-7  # 1e-7: the weights barely move in 3 epochs
-# The trial runs the tiny preset's (the baseline's) scratch model for 3 epochs; the sampler
-# is seeded by `seed`, so the trials' learning rates come in one order: stuck, good, good,
-# stuck. The last starts after two trials finished, and trails them at epoch 1.
+# The trial runs the tiny preset's (the baseline's) scratch model for 3 epochs; the random
+# sampler is seeded by `seed`, so the trials' learning rates come in one order: stuck, good,
+# good, stuck. The last starts after both first trials finished, and trails them at epoch 1.
 TUNE = [
     "-S", "train.epochs=3",
     "-S", "tune.target=scratch",
+    "-S", "tune.sampler=random",
     "-S", "tune.startup_trials=1",
     "-S", "tune.warmup_epochs=0",
     "-S", f'tune.space={{"train.lr": {{"choices": [{GOOD_LR}, {STUCK_LR}]}}}}',

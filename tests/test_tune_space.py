@@ -118,3 +118,49 @@ def test_no_stage_reads_the_tune_section():
 
     for stage in layout.STAGES.values():
         assert not any(key.split(".")[0] == "tune" for key in stage.params), stage.name
+
+
+def test_a_stage_reports_its_epochs_and_stops_when_pruned(tmp_path, monkeypatch):
+    from optuna.trial import TrialState
+
+    from cnnpipe import trial
+
+    monkeypatch.delenv(trial.TRIAL_ENV, raising=False)
+    assert trial.epoch_reporter("train") is None  # not a trial: nothing to report
+    storage = f"sqlite:///{tmp_path / 'tune.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    for scores in ([0.8, 0.9], [0.7, 0.95]):  # two finished trials learnt
+        done = study.ask()
+        for epoch, score in enumerate(scores, 1):
+            done.report(score, epoch)
+        study.tell(done, max(scores))
+    first, second = study.ask(), study.ask()
+
+    def reporter(stage: str, asked=first, warmup: int = 0, target: str = "champion"):
+        link = trial.TrialLink(
+            storage,
+            "s",
+            asked._trial_id,
+            asked.number,
+            "val_accuracy",
+            target,
+            "median",
+            1,
+            warmup,
+            None,
+        )
+        monkeypatch.setenv(*link.to_env().popitem())
+        return trial.epoch_reporter(stage)
+
+    assert reporter("transfer", target="scratch")(1, 0.1) is False  # not scored: no report
+    assert reporter("train", warmup=1)(1, 0.1) is False  # still warming up
+    report = reporter("train")
+    assert report.metric == "val_accuracy"
+    assert report(2, 0.93) is False  # above the finished trials' median at epoch 2 (0.925)
+    assert report(3, 0.5) is False  # no other trial reached epoch 3
+    assert study.get_trials()[first.number].intermediate_values == {1: 0.1, 2: 0.93, 3: 0.5}
+    assert reporter("train", second)(2, 0.5) is True  # below the median: pruned
+    assert study.get_trials()[second.number].user_attrs["pruned"] == {"stage": "train", "epoch": 2}
+    assert reporter("transfer", second)(1, 0.99) is True  # a later stage of a pruned trial stops
+    study.tell(first, state=TrialState.FAIL)  # e.g. its worker died and the trial was retried
+    assert reporter("train")(4, 0.99) is True

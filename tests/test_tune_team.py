@@ -115,7 +115,12 @@ def test_two_workers_share_a_study_and_a_killed_one_resumes(faces_baseline, tmp_
         one = start_worker(first, storage, mlflow_uri)
         two = start_worker(second, storage, mlflow_uri)
         logs = second / ".dvc" / "tmp" / "tune"  # a trial's log: its experiment has started
-        wait_for(lambda: any(logs.glob("*.log")), "the second worker's first trial")
+
+        def second_started() -> bool:
+            assert two.poll() is None, (second / "worker.log").read_text()
+            return any(logs.glob("*.log"))
+
+        wait_for(second_started, "the second worker's first trial")
         time.sleep(3)
         two.send_signal(signal.SIGKILL)  # a machine that dies: no goodbye
         two.wait()

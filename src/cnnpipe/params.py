@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from cnnpipe import layout, models
 from cnnpipe.errors import UserError
@@ -165,6 +173,11 @@ class SearchEntry(Section):
     step: int | float | None = Field(default=None, gt=0)
     when: dict[str, list[bool | int | float | str | None]] = {}
 
+    @model_serializer(mode="wrap")
+    def _as_written(self, dump) -> dict:
+        """Only the keys the entry was written with, as params.yaml holds it."""
+        return {k: v for k, v in dump(self).items() if k in self.model_fields_set}
+
     @model_validator(mode="after")
     def _choices_or_range(self) -> SearchEntry:
         if (self.choices is None) == (self.low is None or self.high is None):
@@ -261,6 +274,11 @@ def _describe(error: dict) -> str:
         # a check across the keys of a section: its message names them
         return f"{key}: {error['msg'].removeprefix('Value error, ')}"
     return f"{key} = {error['input']!r}: {error['msg']}"
+
+
+def parse_value(text: str) -> object:
+    """One value as params.yaml would hold it (`1e-3` a number, as in YAML 1.2)."""
+    return yaml.load(text, Loader=_StrictLoader)
 
 
 def read_yaml(path: Path) -> object:

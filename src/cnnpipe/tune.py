@@ -34,7 +34,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from cnnpipe import layout, trial, tune_mlflow
 from cnnpipe.errors import UserError
-from cnnpipe.params import Params, TuneParams, load_params, read_yaml
+from cnnpipe.params import Params, TuneParams, load_params, parse_value, read_yaml
 from cnnpipe.tracking import repo_root
 
 STORAGE_FILE = "tune.db"  # the default storage, at the repository root (git-ignored)
@@ -62,7 +62,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, object]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UserError(f"-S {pair}: write -S section.key=value (e.g. -S train.epochs=3)")
-        found[key.strip()] = yaml.safe_load(value) if value else None
+        found[key.strip()] = parse_value(value) if value else None
     return found
 
 
