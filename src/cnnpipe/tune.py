@@ -15,6 +15,7 @@ study (tune_mlflow.py); every trial's pipeline run is its child.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -41,6 +42,7 @@ STORAGE_FILE = "tune.db"  # the default storage, at the repository root (git-ign
 LOGS = Path(".dvc/tmp/tune")  # each trial's `dvc exp run` output, <experiment>.log
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 POLL_S = 1.0
+OPEN_ATTEMPTS = 3
 PARENT_WAIT_S = 60
 
 
@@ -113,13 +115,21 @@ def open_storage(url: str, stale_after_s: int) -> optuna.storages.RDBStorage:
     enqueued again (RetryHeartbeatStaleTrialCallback)."""
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
-    try:
+
+    def connect() -> optuna.storages.RDBStorage:
         return optuna.storages.RDBStorage(
             url,
             heartbeat_interval=max(1, stale_after_s // 4),
             grace_period=stale_after_s,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
         )
+
+    for attempt in range(1, OPEN_ATTEMPTS):  # workers started together race to make the tables
+        with contextlib.suppress(Exception):
+            return connect()
+        time.sleep(attempt)
+    try:
+        return connect()
     except Exception as err:  # SQLAlchemy / driver errors: unreachable, refused, bad URL
         reason = " ".join(str(err).split())[:300]
         raise UserError(f"cannot open the study storage {url}: {reason}") from None
