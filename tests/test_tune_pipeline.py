@@ -31,7 +31,10 @@ TUNE = [
 ]  # fmt: skip
 
 
-def git_json(repo, ref: str, path: str) -> dict:
+def git_json(repo, experiment: str, path: str) -> dict:
+    """A committed JSON file of a DVC experiment (its git ref is refs/exps/.../<name>)."""
+    refs = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], repo).stdout.split()
+    (ref,) = [r for r in refs if r.endswith(f"/{experiment}")]
     return json.loads(run(["git", "show", f"{ref}:{path}"], repo).stdout)
 
 
