@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
-import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from cnnpipe import layout, trial, tune_mlflow
@@ -468,7 +467,7 @@ def show_best(pairs: list[str], storage=None, study_name=None, apply: bool = Fal
         text = layout.PARAMS_FILE.read_text()
         for key, value in best.params.items():
             text = set_in_place(text, key, value)
-        validated(yaml.load(text, Loader=yaml.SafeLoader), f"{layout.PARAMS_FILE} as applied")
+        validated(parse_value(text), f"{layout.PARAMS_FILE} as applied")
         layout.PARAMS_FILE.write_text(text)
         print(f"wrote trial {best.number}'s params into {layout.PARAMS_FILE}")
     return 0
