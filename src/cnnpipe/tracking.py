@@ -404,7 +404,10 @@ class StageRun:
                 for split in splits.values()
             ]
             tags = [{"classes": ", ".join(classes)[:250]} for _ in splits]
-            mlflow.log_inputs(datasets, contexts=list(splits), tags_list=tags)
+            # MLflow gets or creates a dataset in two steps: parallel stages logging the same
+            # one (trials of `cnnpipe tune`) would both create it ("UNIQUE constraint failed")
+            with _one_process_at_a_time(self.uri):
+                mlflow.log_inputs(datasets, contexts=list(splits), tags_list=tags)
 
         self._send("datasets", send)
 
