@@ -113,6 +113,15 @@ def ui(port: int) -> int:
     return 0
 
 
+def tune(args: argparse.Namespace) -> int:
+    """`cnnpipe tune`: run the study (tune.py), or show or apply its best trial."""
+    from cnnpipe import tune as tuning
+
+    if args.best or args.apply:
+        return tuning.show_best(args.overrides, args.storage, args.study, apply=args.apply)
+    return tuning.run(args.overrides, args.trials, args.jobs, args.storage, args.study)
+
+
 def yaml_scalar(value: object) -> str:
     """A params value as `dvc exp run -S` reads it (YAML): true/false, numbers, plain text."""
     return str(value).lower() if isinstance(value, bool) else str(value)
@@ -133,6 +142,26 @@ def parser() -> argparse.ArgumentParser:
     )
     showing = commands.add_parser("ui", help="MLflow's UI on this repository's runs")
     showing.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")
+    tuning = commands.add_parser(
+        "tune", help="an Optuna search, each trial a DVC experiment (params.yaml: tune)"
+    )
+    tuning.add_argument("--trials", type=int, help="trials in the study (tune.trials)")
+    tuning.add_argument("--jobs", type=int, help="trials side by side here (tune.jobs)")
+    tuning.add_argument("--storage", help="the study's database URL (tune.storage)")
+    tuning.add_argument("--study", help="the study's name (tune.study)")
+    tuning.add_argument(
+        "-S",
+        "--set-param",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a params.yaml override for every trial, as dvc exp run -S (tune.* ones: the search)",
+    )
+    tuning.add_argument("--best", action="store_true", help="print the best trial and stop")
+    tuning.add_argument(
+        "--apply", action="store_true", help="write the best trial's params into params.yaml"
+    )
     presetting = commands.add_parser(
         "preset", help="print a preset's overrides as dvc exp run options (-S key=value ...)"
     )
@@ -164,6 +193,8 @@ def _command(argv: list[str]) -> int:
             return predict(args.paths, args.model)
         if args.command == "ui":
             return ui(args.port)
+        if args.command == "tune":
+            return tune(args)
         if args.command == "preset":
             overrides = preset(args.name)
             print(" ".join(f"-S {key}={yaml_scalar(value)}" for key, value in overrides.items()))

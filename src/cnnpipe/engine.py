@@ -342,6 +342,7 @@ class Trainer:
     history: list[EpochRecord] = field(default_factory=list)
     best_state: dict[str, torch.Tensor] | None = None
     stopped: str | None = None  # why the fit stopped before its last epoch
+    pruned_at: int | None = None  # the epoch after which `on_epoch` stopped it
     steps: int = 0  # optimiser steps taken (the weight average warms up over them)
 
     @classmethod
@@ -525,7 +526,7 @@ class Trainer:
         if self.runtime.is_main:
             print_epoch(record, self.total_epochs, images_per_second, left)
         if self.on_epoch(record, images_per_second):
-            self.stopped = f"pruned after epoch {record.epoch}"
+            self.stopped, self.pruned_at = f"pruned after epoch {record.epoch}", record.epoch
         elif may_stop and 0 < self.options.patience <= record.epoch - self.best.epoch:
             self.stopped = (
                 f"stopped early after epoch {record.epoch}: no better val "
@@ -544,6 +545,7 @@ class Trainer:
             "scheduler": scheduler.state_dict() if scheduler is not None else {},
             "history": history_rows(self.history),
             "stopped": self.stopped or "",
+            "pruned_at": self.pruned_at or 0,
             "steps": self.steps,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -557,6 +559,7 @@ class Trainer:
         self.best_state = state["best_state"]
         self.history = [EpochRecord(**row) for row in state["history"]]
         self.stopped = state["stopped"] or None
+        self.pruned_at = state["pruned_at"] or None
         self.steps = state["steps"]
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and torch.cuda.is_available():

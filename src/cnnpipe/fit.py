@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cnnpipe import engine, layout, models, networks, rules, runtime, store
+from cnnpipe import engine, layout, models, networks, rules, runtime, store, trial
 from cnnpipe.engine import EpochRecord, LoopOptions, Trainer
 from cnnpipe.params import Params, PrivacyParams, TrainingParams
 from cnnpipe.recorder import Recorder
@@ -89,6 +89,7 @@ class Fitted:
     train_images: int  # the images it learnt from
     stopped: str | None = None  # why it stopped before its last epoch
     privacy: store.PrivacySpent | None = None  # a private fit: the ε it spent, at δ
+    pruned_at: int | None = None  # a pruned trial of `cnnpipe tune`: the epoch it stopped after
 
     @property
     def best(self) -> EpochRecord:
@@ -160,16 +161,19 @@ def checkpoint(recipe: Recipe, logged_params: dict, fingerprints: dict) -> engin
     return engine.Checkpoint(recipe.target.checkpoint, hashlib.sha256(key.encode()).hexdigest())
 
 
-def epoch_logger(recorder: Recorder, private=None) -> Callable[[EpochRecord, float], bool]:
+def epoch_logger(
+    recorder: Recorder, private=None, report=None
+) -> Callable[[EpochRecord, float], bool]:
     """Logs each epoch to the stage's run; with `private` (a `privacy.PrivateFit`), the ε spent
-    so far too, also printed. Never asks the loop to stop."""
+    so far too, also printed. With `report` (`trial.epoch_reporter`), reports the epoch's val
+    score to the trial of `cnnpipe tune` and answers True when the trial is pruned."""
 
     def log(record: EpochRecord, images_per_second: float) -> bool:
         spent = {"epsilon": private.epsilon()} if private is not None else {}
         if spent:
             print(f"epoch {record.epoch}: ε spent {spent['epsilon']:.2f}", file=sys.stderr)
         recorder.log_epoch(vars(record) | spent, images_per_second)
-        return False
+        return report is not None and report(record.epoch, getattr(record, report.metric))
 
     return log
 
@@ -203,6 +207,7 @@ def run(recipe: Recipe, params: Params, recorder: Recorder) -> None:
         params.seed,
         checkpoint(recipe, layout.stage_params(stage, params), fingerprints),
         recorder,
+        trial.epoch_reporter(stage),
     )
     fitted = fit_head(job) if recipe.private_part == "head" else fit_network(job)
     if where.is_main:
@@ -234,7 +239,7 @@ class Job:
     seed: int
     checkpoint: engine.Checkpoint
     recorder: Recorder
-
+    report: Callable[[int, float], bool] | None  # the trial's, when this fit is one
 
 
 def fit_network(job: Job) -> Fitted:
@@ -264,13 +269,11 @@ def fit_network(job: Job) -> Fitted:
         if phase.privacy:
             private = _make_private(job.model, optimizer, len(train), phase, job.seed)
         steps = private.steps_per_epoch if private else trainer.steps_per_epoch()
-        trainer.on_epoch = epoch_logger(job.recorder, private)
+        trainer.on_epoch = epoch_logger(job.recorder, private, job.report)
         last = number == len(phases)
         trainer.run(optimizer, until, phase.schedule(optimizer, steps), phase.name, private, last)
     spent = store.PrivacySpent(epsilon=private.epsilon(), delta=private.delta) if private else None
-    return Fitted(
-        trainer.best_model(), trainer.history, job.options.score, len(train), trainer.stopped, spent
-    )
+    return result_of(trainer, job, len(train), spent)
 
 
 def _make_private(model: nn.Module, optimizer, train_size: int, phase: Phase, seed: int):
@@ -301,13 +304,24 @@ def fit_head(job: Job) -> Fitted:
     trainer = Trainer(head, train, val, cpu, job.options, job.seed, phase.epochs, job.checkpoint)
     optimizer = phase.optimizer(head)
     private = _make_private(head, optimizer, len(train), phase, job.seed)
-    trainer.on_epoch = epoch_logger(job.recorder, private)
+    trainer.on_epoch = epoch_logger(job.recorder, private, job.report)
     schedule = phase.schedule(optimizer, private.steps_per_epoch)
     trainer.run(optimizer, phase.epochs, schedule, phase.name, private)
     trainer.best_model().folded()
     spent = store.PrivacySpent(epsilon=private.epsilon(), delta=private.delta)
+    return result_of(trainer, job, len(train), spent, model.cpu().eval())
+
+
+def result_of(trainer: Trainer, job: Job, train_images: int, spent, model=None) -> Fitted:
+    """What `trainer` learnt: `model` (default: its best epoch's weights) and its history."""
     return Fitted(
-        model.cpu().eval(), trainer.history, job.options.score, len(train), trainer.stopped, spent
+        model if model is not None else trainer.best_model(),
+        trainer.history,
+        job.options.score,
+        train_images,
+        trainer.stopped,
+        spent,
+        trainer.pruned_at,
     )
 
 
@@ -320,9 +334,12 @@ def publish(fitted: Fitted, target: layout.TrainedModel, meta: store.ModelMeta, 
     store.write_csv(target.history, rows)
     best_metrics = {f"best_{k}": v for k, v in vars(best).items()}
     spent = fitted.privacy.model_dump() if fitted.privacy else {}
-    store.write_json_atomic(target.metrics, best_metrics | spent)
+    pruned = {trial.PRUNED_KEY: fitted.pruned_at} if fitted.pruned_at is not None else {}
+    store.write_json_atomic(target.metrics, best_metrics | spent | pruned)
 
-    recorder.log_metrics(best_metrics | {k: v for k, v in spent.items() if k != "epsilon"})
+    recorder.log_metrics(
+        best_metrics | pruned | {k: v for k, v in spent.items() if k != "epsilon"}
+    )
     if fitted.privacy:  # at the last epoch, where the per-epoch values end (a resumed run too)
         recorder.log_metrics({"epsilon": fitted.privacy.epsilon}, step=len(fitted.history))
     recorder.log_learning_curves(rows, f"{target.name} ({meta.architecture})")

@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -216,6 +217,75 @@ class TrackingParams(Section):
         return experiment
 
 
+class SearchEntry(Section):
+    """One param of a search space: `choices`, or a range `low`..`high` (integers when both
+    are; `log` for a log scale, `step` for a grid of values); with `when`, sampled only in the
+    trials where each named param, sampled earlier, took one of the listed values. Keys left
+    out mean: not used (this is the one place where params.yaml keys may be left out)."""
+
+    choices: list[bool | int | float | str | None] | None = Field(default=None, min_length=1)
+    low: int | float | None = None
+    high: int | float | None = None
+    log: bool = False
+    step: int | float | None = Field(default=None, gt=0)
+    when: dict[str, list[bool | int | float | str | None]] = {}
+
+    @model_serializer(mode="wrap")
+    def _as_written(self, dump) -> dict:
+        """Only the keys the entry was written with, as params.yaml holds it."""
+        return {k: v for k, v in dump(self).items() if k in self.model_fields_set}
+
+    @model_validator(mode="after")
+    def _choices_or_range(self) -> SearchEntry:
+        if (self.choices is None) == (self.low is None or self.high is None):
+            raise ValueError("give either choices: [...] or low: and high:")
+        if self.low is not None and self.high is not None:
+            if self.low >= self.high:
+                raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+            if self.log and self.low <= 0:
+                raise ValueError(f"log: true needs low > 0 (got {self.low})")
+            if self.log and self.step is not None:
+                raise ValueError("log: true and step cannot be combined")
+        return self
+
+
+class TuneParams(Section):
+    """`cnnpipe tune`: an Optuna study whose trials are DVC experiments (tune.py). No stage
+    reads this section: it changes which experiments run, not what a stage writes."""
+
+    study: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+    storage: str | None = Field(min_length=1)  # null: a SQLite file in the repository
+    trials: int = Field(ge=1, le=100_000)
+    jobs: int = Field(ge=1, le=256)
+    metric: Literal["val_accuracy", "val_loss"]
+    target: Literal["champion", "scratch", "transfer"]
+    sampler: Literal["tpe", "random", "grid"]
+    pruner: Literal["median", "hyperband", "none"]
+    startup_trials: int = Field(ge=0, le=100_000)
+    warmup_epochs: int = Field(ge=0, le=1000)
+    stale_after_s: int = Field(ge=2, le=86_400)
+    space: dict[str, SearchEntry] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _space_usable(self) -> TuneParams:
+        earlier: list[str] = []
+        for key, entry in self.space.items():
+            if key.split(".")[0] == "tune":
+                raise ValueError(f"space.{key}: the search cannot change the tune section")
+            later = [name for name in entry.when if name not in earlier]
+            if later:
+                raise ValueError(
+                    f"space.{key}: when names {', '.join(later)}, which must come earlier "
+                    "in the space"
+                )
+            if self.sampler == "grid" and (entry.choices is None or entry.when):
+                raise ValueError(
+                    f"space.{key}: sampler grid needs choices for every param and no when"
+                )
+            earlier.append(key)
+        return self
+
+
 class Params(Section):
     seed: int = Field(ge=0, le=2**32 - 1)
     data: DataParams
@@ -224,6 +294,7 @@ class Params(Section):
     transfer: TransferParams
     evaluate: EvaluateParams
     tracking: TrackingParams
+    tune: TuneParams
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -278,6 +349,11 @@ def _describe(error: dict) -> str:
         # a check across the keys of a section: its message names them
         return f"{key}: {error['msg'].removeprefix('Value error, ')}"
     return f"{key} = {error['input']!r}: {error['msg']}"
+
+
+def parse_value(text: str) -> object:
+    """One value as params.yaml would hold it (`1e-3` a number, as in YAML 1.2)."""
+    return yaml.load(text, Loader=_StrictLoader)
 
 
 def read_yaml(path: Path) -> object:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from cnnpipe import layout, metrics, registry, serving, store, tracking
+from cnnpipe import layout, metrics, registry, serving, store, tracking, trial
 from cnnpipe.params import Params
 
 
@@ -105,10 +105,11 @@ def run(params: Params) -> None:
     with tracking.stage_run(
         "pipeline",
         experiment,
-        dict(layout.flatten(params.model_dump())),
+        dict(layout.flatten(params.model_dump(exclude={"tune"}))),
         upstream=stage_runs,
         run_name=tracking.execution_name(),
     ) as mlrun:
+        mlrun.set_tags(trial.pipeline_tags())  # a trial of `cnnpipe tune`: a child of its study
         values = scores()
         mlrun.log_metrics(values)
         note = tracking.pipeline_note(experiment, stage_runs, values)

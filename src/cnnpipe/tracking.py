@@ -440,6 +440,10 @@ class StageRun:
     def set_fingerprint(self, fingerprint: str) -> None:
         self._send("fingerprint tag", lambda: mlflow.set_tag(FINGERPRINT_TAG, fingerprint))
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if tags:
+            self._send("tags", lambda: mlflow.set_tags(tags))
+
     def describe(self, text: str) -> None:
         """The run's description in the MLflow UI (Markdown)."""
         self._send("description", lambda: mlflow.set_tag("mlflow.note.content", text))
@@ -472,7 +476,10 @@ class StageRun:
                 for split in splits.values()
             ]
             tags = [{"classes": ", ".join(classes)[:250]} for _ in splits]
-            mlflow.log_inputs(datasets, contexts=list(splits), tags_list=tags)
+            # MLflow gets or creates a dataset in two steps: parallel stages logging the same
+            # one (trials of `cnnpipe tune`) would both create it ("UNIQUE constraint failed")
+            with _one_process_at_a_time(self.uri):
+                mlflow.log_inputs(datasets, contexts=list(splits), tags_list=tags)
 
         self._send("datasets", send)
 
