@@ -25,9 +25,7 @@ def test_same_seed_same_copies_other_seed_other_copies():
 
 
 def test_zero_probabilities_leave_a_document_unchanged():
-    params = policy_params(
-        policy="document", rotate_p=0, shift_scale_p=0, brightness_contrast_p=0
-    )
+    params = policy_params(policy="document", rotate_p=0, shift_scale_p=0, brightness_contrast_p=0)
     np.testing.assert_array_equal(augmented_copies(IMAGES, build_policy(params, 1), 1), IMAGES)
 
 
@@ -41,7 +39,9 @@ def test_every_probability_and_limit_comes_from_params():
 def flips_of(policy_name: str, source: str = "") -> set[str]:
     policy = build_policy(policy_params(policy=policy_name), 0, source)
     return {t.__class__.__name__ for t in policy.transforms} & {
-        "HorizontalFlip", "VerticalFlip", "RandomRotate90"
+        "HorizontalFlip",
+        "VerticalFlip",
+        "RandomRotate90",
     }
 
 

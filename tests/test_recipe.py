@@ -224,3 +224,21 @@ def _meta() -> store.ModelMeta:
         std=NORM.std,
         best_epoch=1,
     )
+
+
+def test_resize_rules_keep_or_cut_the_proportions_of_a_wide_image():
+    """A 40 x 20 image, a green edge on the left, then red, then blue: squashed it fills the
+    square; padded it keeps its proportions between black bands; cropped to its middle it
+    loses the green edge."""
+    from cnnpipe import images
+
+    wide = np.zeros((20, 40, 3), dtype=np.uint8)
+    wide[:, :8, 1], wide[:, 8:20, 0], wide[:, 20:, 2] = 255, 255, 255
+    squashed, padded, cropped = (
+        images.from_pixels(wide, 16, resize) for resize in ("squash", "pad", "center_crop")
+    )
+    assert squashed[8, 0, 1] == 255 and squashed.max(axis=2).min() > 0  # filled: no black
+    assert padded[0].max() == 0 and padded[-1].max() == 0  # black bands above and below
+    assert padded[8, 0, 1] == 255 and padded[8, -1, 2] == 255
+    assert cropped[:, :, 1].max() < 64  # the green edge is cut off
+    assert cropped[0].max() == 255 and cropped[8, 0, 0] == 255  # no band: red from the left

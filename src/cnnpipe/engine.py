@@ -183,8 +183,7 @@ def logits_of(model: nn.Module, inputs: Inputs, batch_size: int = 256) -> torch.
     """The model's logits (float, on the CPU) for every row of `inputs`, in eval mode."""
     model.eval()
     outputs = [
-        model(inputs.batch(index)).float().cpu()
-        for index in batch_indices(len(inputs), batch_size)
+        model(inputs.batch(index)).float().cpu() for index in batch_indices(len(inputs), batch_size)
     ]
     return torch.cat(outputs)
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from cnnpipe import engine, layout, models, networks, rules, runtime, store, trial
 from cnnpipe.engine import EpochRecord, LoopOptions, Trainer
-from cnnpipe.params import Params, PrivacyParams, TrainingParams
+from cnnpipe.params import FitParams, Params, PrivacyParams
 from cnnpipe.recorder import Recorder
 
 # The learning rate a warm-up starts from, as a share of the phase's own.
@@ -52,8 +52,10 @@ class Phase:
         sched = torch.optim.lr_scheduler
         warmup = min(self.warmup_epochs, self.epochs - 1) * steps_per_epoch
         rest = max(1, self.epochs * steps_per_epoch - warmup)
-        after = sched.CosineAnnealingLR(optimizer, rest) if self.decay else sched.ConstantLR(
-            optimizer, factor=1.0, total_iters=0
+        after = (
+            sched.CosineAnnealingLR(optimizer, rest)
+            if self.decay
+            else sched.ConstantLR(optimizer, factor=1.0, total_iters=0)
         )
         if not warmup:
             return after
@@ -64,7 +66,7 @@ class Phase:
 @dataclass(frozen=True)
 class Recipe:
     target: layout.TrainedModel
-    settings: TrainingParams
+    settings: FitParams
     build: Callable[[int], nn.Module]  # number of classes -> a freshly initialised network
     phases: list[Phase]
     meta: dict = field(default_factory=dict)  # more model-folder facts, e.g. input_size
@@ -119,7 +121,7 @@ def read_fit_data(recipe: Recipe) -> FitData:
     return FitData(train, val, store.read_classes(layout.PREPARED), augmentation)
 
 
-def loop_options(settings: TrainingParams, data: FitData, device, private: bool) -> LoopOptions:
+def loop_options(settings: FitParams, data: FitData, device, private: bool) -> LoopOptions:
     """The loop's options from the stage's params, `auto` resolved by `rules`; what DP-SGD
     excludes (privacy.py) left out when `private`."""
     classes, labels = len(data.classes), data.train.labels
@@ -197,7 +199,7 @@ def run(recipe: Recipe, params: Params, recorder: Recorder) -> None:
     model = recipe.build(len(data.classes))
     norm = engine.Normalisation(*networks.normalisation(settings.model))
     options = loop_options(settings, data, where.device, recipe.privacy is not None)
-    job = Job(
+    job = FitContext(
         recipe,
         model,
         data,
@@ -220,6 +222,7 @@ def run(recipe: Recipe, params: Params, recorder: Recorder) -> None:
             best_epoch=fitted.best.epoch,
             privacy=fitted.privacy,
             precision=options.precision,
+            resize=params.data.resize,
             **recipe.meta,
         )
         publish(fitted, recipe.target, meta, recorder)
@@ -227,7 +230,7 @@ def run(recipe: Recipe, params: Params, recorder: Recorder) -> None:
 
 
 @dataclass
-class Job:
+class FitContext:
     """What a fit works with."""
 
     recipe: Recipe
@@ -242,7 +245,7 @@ class Job:
     report: Callable[[int, float], bool] | None  # the trial's, when this fit is one
 
 
-def fit_network(job: Job) -> Fitted:
+def fit_network(job: FitContext) -> Fitted:
     """Train the network phase by phase; a private phase with DP-SGD."""
     augmentation = job.data.augmentation
     trainer = Trainer.on_images(
@@ -285,7 +288,7 @@ def _make_private(model: nn.Module, optimizer, train_size: int, phase: Phase, se
     )
 
 
-def fit_head(job: Job) -> Fitted:
+def fit_head(job: FitContext) -> Fitted:
     """DP-SGD on a new linear head over the frozen backbone's features, computed once for each
     train image's views (the original and its offline augmented copies, `Augmentation`)."""
     from cnnpipe import privacy
@@ -312,7 +315,7 @@ def fit_head(job: Job) -> Fitted:
     return result_of(trainer, job, len(train), spent, model.cpu().eval())
 
 
-def result_of(trainer: Trainer, job: Job, train_images: int, spent, model=None) -> Fitted:
+def result_of(trainer: Trainer, job: FitContext, train_images: int, spent, model=None) -> Fitted:
     """What `trainer` learnt: `model` (default: its best epoch's weights) and its history."""
     return Fitted(
         model if model is not None else trainer.best_model(),
@@ -337,9 +340,7 @@ def publish(fitted: Fitted, target: layout.TrainedModel, meta: store.ModelMeta, 
     pruned = {trial.PRUNED_KEY: fitted.pruned_at} if fitted.pruned_at is not None else {}
     store.write_json_atomic(target.metrics, best_metrics | spent | pruned)
 
-    recorder.log_metrics(
-        best_metrics | pruned | {k: v for k, v in spent.items() if k != "epsilon"}
-    )
+    recorder.log_metrics(best_metrics | pruned | {k: v for k, v in spent.items() if k != "epsilon"})
     if fitted.privacy:  # at the last epoch, where the per-epoch values end (a resumed run too)
         recorder.log_metrics({"epsilon": fitted.privacy.epsilon}, step=len(fitted.history))
     recorder.log_learning_curves(rows, f"{target.name} ({meta.architecture})")

@@ -20,7 +20,9 @@ The rules:
   allows it (JPEG, by 2, 4 or 8) and refused otherwise, so one decode stays within about half a
   GiB of memory. Images beyond Pillow's own decompression-bomb ceiling (~179 megapixels) are
   refused before any pixel is read.
-- The result is a bicubic resize (squash) to `image_size` squared.
+- The result is a bicubic resize to `image_size` squared (`RESIZE`): squashed (the default),
+  padded with black to a square first (the whole image, its proportions kept), or cropped to
+  its central square first (proportions kept, the edges lost).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import ExifTags, Image
+from PIL import ExifTags, Image, ImageOps
 
 FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")  # Pillow's names for them
 SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ""}
@@ -66,7 +68,7 @@ class UnreadableImage(ValueError):
         self.kind = kind
 
 
-def decode_file(path: Path, image_size: int) -> np.ndarray:
+def decode_file(path: Path, image_size: int, resize: str = "squash") -> np.ndarray:
     """An image file, chosen by its suffix (`SUFFIXES`) and decoded by its content."""
     try:
         status = path.stat()
@@ -85,14 +87,14 @@ def decode_file(path: Path, image_size: int) -> np.ndarray:
     except OSError as err:
         raise UnreadableImage("cannot_open", f"cannot open: {_one_line(err)}") from None
     with stream:
-        return _decode(stream, image_size)
+        return _decode(stream, image_size, resize)
 
 
-def decode_bytes(data: bytes, image_size: int) -> np.ndarray:
+def decode_bytes(data: bytes, image_size: int, resize: str = "squash") -> np.ndarray:
     """The bytes of an image file."""
     if not data:
         raise UnreadableImage("empty_file", "empty file (0 bytes)")
-    return _decode(io.BytesIO(data), image_size)
+    return _decode(io.BytesIO(data), image_size, resize)
 
 
 def declared_pixels(data: bytes) -> int:
@@ -107,7 +109,7 @@ def declared_pixels(data: bytes) -> int:
             return 0
 
 
-def from_pixels(pixels, image_size: int) -> np.ndarray:
+def from_pixels(pixels, image_size: int, resize: str = "squash") -> np.ndarray:
     """An H x W x 3 (RGB), H x W x 4 (RGBA, composited on white), H x W x 1 or H x W (grey) array
     of values from 0 to 255 (nested lists too), resized like a decoded file."""
     try:
@@ -123,7 +125,7 @@ def from_pixels(pixels, image_size: int) -> np.ndarray:
         if array.dtype.kind not in "iuf" or not np.all((array >= 0) & (array <= 255)):
             raise UnreadableImage("bad_pixels", "pixel values must be numbers from 0 to 255")
         array = np.rint(array).astype(np.uint8)
-    return _rgb_square(Image.fromarray(array), image_size)
+    return _rgb_square(Image.fromarray(array), image_size, resize)
 
 
 def safe_name(name: str | os.PathLike) -> str:
@@ -149,7 +151,7 @@ def _one_line(err: BaseException) -> str:
     return safe_name(lines[0][:200]) if lines else type(err).__name__
 
 
-def _decode(stream: BinaryIO, image_size: int) -> np.ndarray:
+def _decode(stream: BinaryIO, image_size: int, resize: str) -> np.ndarray:
     """Every exception of Pillow, its plugins, EXIF parsing and conversion becomes an
     `UnreadableImage`: fuzzing finds ValueError, TypeError, struct.error, OSError, SyntaxError,
     IndexError, ... for single corrupt files."""
@@ -157,7 +159,7 @@ def _decode(stream: BinaryIO, image_size: int) -> np.ndarray:
         warnings.simplefilter("ignore")  # e.g. DecompressionBombWarning, corrupt EXIF
         try:
             with Image.open(stream, formats=FORMATS) as image:
-                return _rgb_square(_upright(_loaded(image)), image_size)
+                return _rgb_square(_upright(_loaded(image)), image_size, resize)
         except UnreadableImage:
             raise
         except Image.UnidentifiedImageError:
@@ -196,11 +198,18 @@ def _upright(image: Image.Image) -> Image.Image:
     return image if method is None else image.transpose(method)
 
 
-def _rgb_square(image: Image.Image, image_size: int) -> np.ndarray:
+def _rgb_square(image: Image.Image, image_size: int, resize: str = "squash") -> np.ndarray:
     if image.mode == "F" or image.mode.startswith("I"):  # I, I;16, I;16B, ...
         image = _stretched(image)
-    rgb = _opaque(image).resize((image_size, image_size), Image.Resampling.BICUBIC)
+    rgb = RESIZE[resize](_opaque(image), (image_size, image_size))
     return np.asarray(rgb, dtype=np.uint8)
+
+
+RESIZE = {
+    "squash": lambda image, size: image.resize(size, Image.Resampling.BICUBIC),
+    "pad": lambda image, size: ImageOps.pad(image, size, Image.Resampling.BICUBIC),
+    "center_crop": lambda image, size: ImageOps.fit(image, size, Image.Resampling.BICUBIC),
+}
 
 
 def _opaque(image: Image.Image) -> Image.Image:

@@ -93,7 +93,7 @@ class Stage:
 def _training(model: TrainedModel) -> Stage:
     return Stage(
         model.stage,
-        params=("seed", "data.source", model.stage),
+        params=("seed", "data.source", "data.resize", model.stage),
         deps=(PREPARED, AUGMENTED),
         outs=(model.folder,),
         committed=(model.metrics, model.history),
@@ -114,6 +114,7 @@ STAGES = {
                 "seed",
                 "data.source",
                 "data.image_size",
+                "data.resize",
                 "data.val_fraction",
                 "data.test_fraction",
                 "data.on_bad_image",
@@ -173,8 +174,6 @@ STAGES = {
         ),
     )
 }
-
-
 
 
 def upstream(stage: Stage) -> list[Stage]:

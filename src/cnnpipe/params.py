@@ -56,6 +56,7 @@ class Section(BaseModel):
 class DataParams(Section):
     source: str
     image_size: size_or_auto(8, 512)  # auto: rules.working_size
+    resize: Literal["squash", "pad", "center_crop"]  # how a non-square image becomes square
     val_fraction: float = Field(gt=0, lt=0.5)
     test_fraction: float = Field(gt=0, lt=0.5)
     on_bad_image: Literal["skip", "fail"]
@@ -119,7 +120,7 @@ class PrivacyParams(Section):
         return self.epsilon is not None
 
 
-class TrainingParams(Section):
+class FitParams(Section):
     """What every training stage has: the model from the table, the loop and where it runs."""
 
     STAGE: ClassVar[str]  # which stage's models `model` may name
@@ -150,7 +151,7 @@ class TrainingParams(Section):
         return model
 
     @model_validator(mode="after")
-    def _private_fit_possible(self) -> TrainingParams:
+    def _private_fit_possible(self) -> FitParams:
         if not self.privacy.enabled:
             return self
         stage = self.STAGE
@@ -168,11 +169,11 @@ class TrainingParams(Section):
         return self
 
 
-class TrainParams(TrainingParams):
+class TrainParams(FitParams):
     STAGE: ClassVar[str] = "train"
 
 
-class TransferParams(TrainingParams):
+class TransferParams(FitParams):
     STAGE: ClassVar[str] = "transfer"
     weights: Literal["imagenet", "none"]
     input_size: size_or_auto(16, 512)  # auto: rules.transfer_input_size

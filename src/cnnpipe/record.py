@@ -48,8 +48,7 @@ def promote(params: Params, chosen: dict, stage_runs: dict[str, str | None]) -> 
         metric=metric,
         score=chosen["score"],
         data_hash=chosen["data_hash"],
-        tags={"architecture": chosen["architecture"], "model": chosen["model"]}
-        | chosen["privacy"],
+        tags={"architecture": chosen["architecture"], "model": chosen["model"]} | chosen["privacy"],
         description=f"{chosen['model']} ({chosen['architecture']}): test {metric} "
         f"{chosen['score']:.4f} on {chosen['test_images']} images (data hash "
         f"{chosen['data_hash'][:12]}).",

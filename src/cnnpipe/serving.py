@@ -46,24 +46,24 @@ CONDA_ENV = {
 }
 
 
-def decode_image(data: bytes | str, image_size: int) -> np.ndarray:
+def decode_image(data: bytes | str, image_size: int, resize: str = "squash") -> np.ndarray:
     """An encoded image file (bytes, or base64 text) -> uint8 RGB of `image_size` squared."""
     if isinstance(data, str):
         try:
             data = base64.b64decode(data)
         except (binascii.Error, ValueError) as err:
             raise UnreadableImage("bad_base64", f"not base64 text: {err}") from None
-    return images.decode_bytes(data, image_size)
+    return images.decode_bytes(data, image_size, resize)
 
 
-def to_image(value, image_size: int) -> np.ndarray:
+def to_image(value, image_size: int, resize: str = "squash") -> np.ndarray:
     """One cell of the `image` column: encoded bytes, base64 text, or an H x W x 3 array
     (nested lists over JSON). One decode at a time per process (`_DECODING`): each holds up to
     `images.MAX_PIXELS` pixels, so concurrent requests cannot multiply that."""
     with _DECODING:
         if isinstance(value, bytes | str):
-            return decode_image(value, image_size)
-        return images.from_pixels(value, image_size)
+            return decode_image(value, image_size, resize)
+        return images.from_pixels(value, image_size, resize)
 
 
 def image_cells(model_input) -> list:
@@ -102,7 +102,7 @@ def _texts_unpacked(cells: list) -> list:
     return unpacked
 
 
-def to_batch(model_input, image_size: int) -> np.ndarray:
+def to_batch(model_input, image_size: int, resize: str = "squash") -> np.ndarray:
     """A request's images (`image_cells`) as a stack of decoded squares. Raises
     `UnreadableImage` for an empty request, one over `REQUEST_PIXELS`, or naming the first
     image that is not one."""
@@ -116,7 +116,7 @@ def to_batch(model_input, image_size: int) -> np.ndarray:
     squares = []
     for number, cell in enumerate(cells):
         try:
-            squares.append(to_image(cell, image_size))
+            squares.append(to_image(cell, image_size, resize))
         except UnreadableImage as err:
             raise UnreadableImage(err.kind, f"image {number}: {err}") from None
     return np.stack(squares)
@@ -180,7 +180,7 @@ class ImageClassifier:
 
     def predict(self, model_input, params=None) -> pd.DataFrame:
         try:
-            batch = to_batch(model_input, self.meta.image_size)
+            batch = to_batch(model_input, self.meta.image_size, self.meta.resize)
         except UnreadableImage as err:
             raise MlflowException(
                 f"cannot read the request: {err}"
@@ -276,11 +276,11 @@ def load(model_uri: str) -> ImageClassifier:
 def predict_files(classifier: ImageClassifier, paths: list[Path]) -> list[tuple[str, str]]:
     """One line of answer per file: its printable name and `class (probability)`, or why the
     file could not be read. Readable files are predicted together, in one batch."""
-    size = classifier.meta.image_size
+    size, resize = classifier.meta.image_size, classifier.meta.resize
     decoded, answers = {}, {}
     for path in paths:
         try:
-            decoded[path] = images.decode_file(path, size)
+            decoded[path] = images.decode_file(path, size, resize)
         except UnreadableImage as err:
             answers[path] = f"error: {err}"
     if decoded:

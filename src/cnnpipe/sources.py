@@ -69,14 +69,16 @@ class LabelledImages:
 
 
 def open_source(
-    source: str, image_size: int, on_bad_image: str = "skip", workers: int = 1
+    source: str, image_size: int, on_bad_image: str = "skip", workers: int = 1, resize="squash"
 ) -> ImageStream:
+    """The source's images as `image_size` squares; `resize` (images.RESIZE) says how a
+    folder's non-square images become square (the built-in and torchvision sets are square)."""
     kind, _, argument = source.partition(":")
     if kind == "builtin":
         return _in_one_chunk(BUILTINS[argument](image_size))
     if kind == "torchvision":
         return stream_torchvision(argument, image_size)
-    return stream_folder(Path(argument), image_size, on_bad_image, workers)
+    return stream_folder(Path(argument), image_size, on_bad_image, workers, resize)
 
 
 def load_source(source: str, image_size: int, on_bad_image: str = "skip") -> LabelledImages:
@@ -151,13 +153,15 @@ class FolderListing:
     skipped: list[BadImage]  # entries that are no file to decode: broken links, link loops
 
 
-def decode_files(paths: list[Path], first_item: int, image_size: int) -> Chunk:
+def decode_files(
+    paths: list[Path], first_item: int, image_size: int, resize: str = "squash"
+) -> Chunk:
     """The chunk of items `first_item, first_item + 1, ...` that `paths` are (runs in a worker)."""
     decoded = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
     items, bad_images = [], []
     for offset, path in enumerate(paths):
         try:
-            decoded[len(items)] = images.decode_file(path, image_size)
+            decoded[len(items)] = images.decode_file(path, image_size, resize)
             items.append(first_item + offset)
         except UnreadableImage as reason:
             bad_images.append(BadImage(images.safe_name(path), reason.kind, str(reason)))
@@ -327,14 +331,14 @@ def _require_every_class(usable: Iterable[int], classes: list[str], root: Path) 
 
 
 def stream_folder(
-    root: Path, image_size: int, on_bad_image: str = "skip", workers: int = 1
+    root: Path, image_size: int, on_bad_image: str = "skip", workers: int = 1, resize="squash"
 ) -> ImageStream:
     """Read `root/<class>/**/<image>` with `workers` processes (1: in this process).
     Unreadable files are skipped and listed, or, with on_bad_image "fail", stop the stream."""
     listing = list_folder(root)
     if listing.skipped and on_bad_image == "fail":
         raise _bad_image_error(listing.skipped[0])
-    chunks = _decoded_folder(listing, root, image_size, on_bad_image, workers)
+    chunks = _decoded_folder(listing, root, (image_size, resize), on_bad_image, workers)
     return ImageStream(
         listing.labels,
         listing.classes,
@@ -348,10 +352,11 @@ def _bad_image_error(bad: BadImage) -> UserError:
     return UserError(f"{bad.path}: {bad.reason} (remove the file, or set data.on_bad_image: skip)")
 
 
-def _decoded_folder(listing: FolderListing, root, image_size, on_bad_image, workers):
-    per_chunk = store.rows_per_chunk((image_size, image_size, 3))
+def _decoded_folder(listing: FolderListing, root, square, on_bad_image, workers):
+    """`square`: (image size, resize rule)."""
+    per_chunk = store.rows_per_chunk((square[0], square[0], 3))
     files = listing.files
-    jobs = [(files[i : i + per_chunk], i, image_size) for i in range(0, len(files), per_chunk)]
+    jobs = [(files[i : i + per_chunk], i, *square) for i in range(0, len(files), per_chunk)]
     with contextlib.closing(ordered_map(decode_files, jobs, workers)) as chunks:
         yield from _checked(chunks, listing.labels, listing.classes, root, on_bad_image)
 

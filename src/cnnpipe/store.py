@@ -321,6 +321,7 @@ class ModelMeta(BaseModel):
     std: tuple[float, float, float]
     best_epoch: int = Field(ge=1)
     precision: Literal["fp32", "bf16"] = "fp32"  # what it was trained in
+    resize: Literal["squash", "pad", "center_crop"] = "squash"  # how its images became square
     # trained with DP-SGD (scratch models are then built without batch norm, networks.build)
     privacy: PrivacySpent | None = None
 

@@ -298,9 +298,7 @@ class StageRun:
     lost, nothing more is sent (no waiting on retries each epoch); what was not sent is listed
     in warnings instead."""
 
-    def __init__(
-        self, uri: str, log_images: bool, upstream: dict[str, str | None] | None = None
-    ):
+    def __init__(self, uri: str, log_images: bool, upstream: dict[str, str | None] | None = None):
         self.run_id: str | None = None  # None until the server has answered `start`
         self.uri = uri
         self.log_images = log_images

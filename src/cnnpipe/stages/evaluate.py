@@ -230,9 +230,7 @@ def publish(
     )
     store.write_text_atomic(layout.REPORT, text)
     recorder.describe(report.summary(results, chosen.result).replace("\n", "  \n"))
-    recorder.log_metrics(
-        {f"{r.name}.{k}": v for r in results for k, v in r.test_metrics().items()}
-    )
+    recorder.log_metrics({f"{r.name}.{k}": v for r in results for k, v in r.test_metrics().items()})
     recorder.log_table(report.per_class_rows(results), "per_class.json")
     recorder.log_report(layout.REPORT, layout.FIGURES)
     for m in measured:
@@ -258,8 +256,7 @@ def run(params: Params, recorder: Recorder) -> None:
         params.data.source,
     )
     measured = [
-        measure(m, test, settings, device, params.tracking.log_images, params.seed)
-        for m in loaded
+        measure(m, test, settings, device, params.tracking.log_images, params.seed) for m in loaded
     ]
     results = [m.result for m in measured]
     metric = select_metric(settings, test)

@@ -360,7 +360,7 @@ def run(params: Params, recorder: Recorder) -> None:
     started = time.perf_counter()
     image_size, size_reason = working_size(data)
     workers = data.workers or os.cpu_count() or 1
-    stream = open_source(data.source, image_size, data.on_bad_image, workers)
+    stream = open_source(data.source, image_size, data.on_bad_image, workers, data.resize)
     fractions = (data.val_fraction, data.test_fraction)
     with store.atomic_dir(PREPARED) as staging:
         bad_images, duplicates = prepare_into(stream, staging, image_size, fractions, params.seed)
@@ -373,6 +373,7 @@ def run(params: Params, recorder: Recorder) -> None:
         "data_hash": data_hash,
         "image_size": image_size,
         "image_size_reason": size_reason,
+        "resize": data.resize,
         "classes": stream.classes,
         "imbalanced": _imbalance(labels["train"], len(stream.classes)),
         "images": counts,
