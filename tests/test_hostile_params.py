@@ -13,14 +13,22 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cnnpipe import layout
 from cnnpipe.errors import MAX_MESSAGE, UserError
 from cnnpipe.params import load_params
 from cnnpipe.stages import prepare
 from conftest import REPO
 
 REPOSITORY_PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
-KEYS = [key for key, _ in layout.flatten(REPOSITORY_PARAMS)]
+def key_paths(table: dict, prefix: tuple = ()) -> list[tuple[str, ...]]:
+    """Every leaf's path of keys (a key may hold dots: the search space's `train.lr`)."""
+    paths = []
+    for key, value in table.items():
+        inner = isinstance(value, dict) and value
+        paths += key_paths(value, (*prefix, key)) if inner else [(*prefix, key)]
+    return paths
+
+
+KEYS = key_paths(REPOSITORY_PARAMS)
 VALUES = st.one_of(
     st.none(),
     st.booleans(),
@@ -32,9 +40,9 @@ VALUES = st.one_of(
 )
 
 
-def with_value(key: str, value: object) -> dict:
+def with_value(key: tuple[str, ...] | str, value: object) -> dict:
     params = yaml.safe_load(yaml.safe_dump(REPOSITORY_PARAMS))
-    *sections, leaf = key.split(".")
+    *sections, leaf = key.split(".") if isinstance(key, str) else key
     table = params
     for section in sections:
         table = table[section]

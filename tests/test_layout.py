@@ -5,10 +5,11 @@ imports, and `dvc.lock`'s hashes are compared with the files.
 
 The rule for code deps: a stage depends on the modules that can change its outputs, which are
 the `cnnpipe` modules its module imports, directly or through another module, at the top or
-inside a function; except interfaces (modules of class definitions without behaviour: the
-error type, the recorder), which change no output. A stage records to MLflow only through the
-recorder it is handed, so MLflow's modules (tracking, registry, serving) and what only they
-import are not among its imports: editing how a run is logged retrains nothing.
+inside a function; except interfaces and error types (`changes_no_output`: the recorder
+protocol, the error type and its message text), which change no output. A stage records to
+MLflow only through the recorder it is handed, so MLflow's modules (tracking, registry,
+serving) and what only they import are not among its imports: editing how a run is logged
+retrains nothing.
 """
 
 from __future__ import annotations
@@ -57,9 +58,11 @@ def module_path(name: str) -> Path:
     return SOURCE / f"{name.replace('.', '/')}.py"
 
 
-def is_interface(name: str) -> bool:
-    """A module of imports and class definitions whose bodies hold only docstrings, `...`,
-    annotations and method stubs: nothing in it can compute a stage's output."""
+def changes_no_output(name: str) -> bool:
+    """An interface or an error type: a module of imports, constants, class definitions whose
+    bodies hold only docstrings, `...`, annotations and method stubs, exception classes, and
+    functions that return text (an error message). Nothing in it can compute a stage's
+    output."""
 
     def inert(body: list[ast.stmt]) -> bool:
         return all(
@@ -70,18 +73,22 @@ def is_interface(name: str) -> bool:
             for node in body
         )
 
-    tree = ast.parse(module_path(name).read_text())
-    return all(
-        isinstance(node, ast.Expr | ast.Import | ast.ImportFrom)
-        or (isinstance(node, ast.If) and inert(node.body))  # if TYPE_CHECKING: imports
-        or (isinstance(node, ast.ClassDef) and inert(node.body))
-        for node in tree.body
-    )
+    def harmless(node: ast.stmt) -> bool:
+        if isinstance(node, ast.ClassDef):
+            bases = {getattr(base, "id", "") for base in node.bases}
+            return inert(node.body) or bool(bases & {"Exception", "ValueError"})
+        if isinstance(node, ast.FunctionDef):
+            return getattr(node.returns, "id", None) == "str"
+        return isinstance(node, ast.Expr | ast.Import | ast.ImportFrom | ast.Assign) or (
+            isinstance(node, ast.If) and inert(node.body)  # if TYPE_CHECKING: imports
+        )
+
+    return all(harmless(node) for node in ast.parse(module_path(name).read_text()).body)
 
 
 def code_deps(stage: str) -> set[str]:
     modules = imported_modules(layout.STAGES[stage].entry)
-    return {f"src/{m.replace('.', '/')}.py" for m in modules if not is_interface(m)}
+    return {f"src/{m.replace('.', '/')}.py" for m in modules if not changes_no_output(m)}
 
 
 def declared(stage: str) -> dict:
@@ -139,11 +146,12 @@ def test_the_stage_table_finds_a_missing_import():
     assert "src/cnnpipe/stages/augment.py" not in code_deps("evaluate")
 
 
-def test_only_interfaces_are_left_out_of_code_deps():
-    """The rule's exception is narrow: the error type and the recorder protocol are
-    interfaces; a module with behaviour (even one line of it) is not."""
-    assert is_interface("cnnpipe.errors") and is_interface("cnnpipe.recorder")
-    assert not any(is_interface(m) for m in ("cnnpipe.layout", "cnnpipe.rules", "cnnpipe.fit"))
+def test_only_interfaces_and_error_messages_are_left_out_of_code_deps():
+    """The rule's exception is narrow: the error type and the recorder protocol; a module
+    that computes anything but text (even one function of it) is a dep."""
+    assert changes_no_output("cnnpipe.errors") and changes_no_output("cnnpipe.recorder")
+    others = ("cnnpipe.layout", "cnnpipe.rules", "cnnpipe.fit", "cnnpipe.models")
+    assert not any(changes_no_output(m) for m in others)
 
 
 MLFLOW_MODULES = {"cnnpipe.tracking", "cnnpipe.registry", "cnnpipe.serving", "cnnpipe.record"}

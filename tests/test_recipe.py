@@ -127,10 +127,18 @@ def test_warm_up_then_cosine_decay():
     assert rates[-1] < 0.01 and rates == sorted(rates[:11]) + rates[11:]
 
 
-def test_a_batch_of_one_image_never_ends_a_training_pass():
+def test_a_batch_of_one_image_never_ends_a_training_pass(digits):
     generator = torch.Generator().manual_seed(0)
     sizes = [len(b) for b in engine.batch_indices(65, 32, generator)]
     assert sizes == [32, 33] and sum(sizes) == 65
+    for images in (64, 65, 66):  # the schedule is made for the steps the pass takes
+        train = store.Split(digits[0].images[:images], digits[0].labels[:images])
+        model = networks.build("seed_cnn", num_classes=10, image_size=SIZE)
+        trainer = engine.Trainer.on_images(
+            model, (train, digits[1]), NORM, CPU, engine.LoopOptions(32), 0, 1
+        )
+        batches = list(engine.batch_indices(images, 32, torch.Generator().manual_seed(0)))
+        assert trainer.steps_per_epoch() == len(batches)
 
 
 def test_imbalance_turns_on_class_weights_and_balanced_scores(digits):

@@ -40,11 +40,14 @@ def _test_split(repo: Path):
     return np.asarray(test.images), test.labels, store.read_classes(repo / "data" / "prepared")
 
 
-def test_first_evaluate_made_the_chosen_model_champion(repo_store):
+def test_the_first_record_made_the_chosen_model_champion(repo_store):
     repo, client = repo_store
     champion = client.get_model_version_by_alias(MODEL, "champion")
+    experiment = client.get_experiment_by_name("cnnpipe").experiment_id
+    (pipeline,) = client.search_runs([experiment], "tags.`cnnpipe.stage` = 'pipeline'")
+    note = pipeline.data.tags["mlflow.note.content"]
+    assert f"version {champion.version} of `{MODEL}` is the first champion" in note
     report = (repo / "reports" / "report.md").read_text()
-    assert f"version {champion.version} of `{MODEL}` is the first champion" in report
     metrics = json.loads((repo / "reports" / "evaluate" / "metrics.json").read_text())
     best = max(metrics["accuracy"], key=metrics["accuracy"].get)
     assert f"**Chosen model: {best} " in report

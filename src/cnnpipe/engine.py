@@ -395,8 +395,11 @@ class Trainer:
         return best_epoch(self.history, self.options.score)
 
     def steps_per_epoch(self) -> int:
+        """The batches `batch_indices` makes of this rank's shard in a training pass."""
         per_rank = len(self.train) // self.runtime.world_size
-        return max(1, per_rank // self._rank_batch_size())
+        batches = -(-per_rank // self._rank_batch_size())
+        ends_on_one = batches > 1 and per_rank % self._rank_batch_size() == 1
+        return max(1, batches - ends_on_one)
 
     def _rank_batch_size(self) -> int:
         return max(1, self.options.batch_size // self.runtime.world_size)
