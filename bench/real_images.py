@@ -14,7 +14,7 @@ runs the pipeline stage by stage (`dvc repro <stage>`), timing each. The test ac
 macro-F1 per model come from the evaluate stage's `reports/evaluate/metrics.json`.
 
 Fashion-MNIST comes from Debian's `dataset-fashion-mnist` package (installed with apt-get if
-missing and this runs as root): its files are linked into the copy's data/torchvision, where
+missing and this runs as root): its files are unpacked into the copy's data/torchvision, where
 torchvision finds them and does not download. `--limit N` keeps the first N training images
 (the test split stays the full 10,000) for a shorter run.
 
@@ -59,11 +59,11 @@ MODEL_STAGES = {"scratch": "train", "transfer": "transfer"}
 
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
 DEBIAN_FOLDER = Path("/usr/share/datasets/fashion-mnist")
-IDX_FILES = {  # torchvision's name (without .gz) -> (train part?, images?)
-    "train-images-idx3-ubyte": (True, True),
-    "train-labels-idx1-ubyte": (True, False),
-    "t10k-images-idx3-ubyte": (False, True),
-    "t10k-labels-idx1-ubyte": (False, False),
+IDX_FILES = {  # torchvision's file name -> whether it belongs to the training part
+    "train-images-idx3-ubyte": True,
+    "train-labels-idx1-ubyte": True,
+    "t10k-images-idx3-ubyte": False,
+    "t10k-labels-idx1-ubyte": False,
 }
 
 
@@ -131,16 +131,14 @@ def fashion_mnist_files() -> Path:
 
 
 def place_fashion_mnist(repo: Path, limit: int | None) -> None:
-    """The Debian files where torchvision looks in `repo`: linked (torchvision unpacks them),
-    or, with `limit`, the first `limit` training images written unpacked."""
+    """The Debian files, unpacked, where torchvision looks in `repo` (it then downloads
+    nothing); with `limit`, only the first `limit` training images."""
     raw = repo / TORCHVISION_ROOT / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
-    for name, (train_part, _) in IDX_FILES.items():
-        packed = fashion_mnist_files() / f"{name}.gz"
-        if limit is None or not train_part:
-            (raw / packed.name).symlink_to(packed)
-        else:
-            (raw / name).write_bytes(truncated_idx(gzip.decompress(packed.read_bytes()), limit))
+    for name, train_part in IDX_FILES.items():
+        data = gzip.decompress((fashion_mnist_files() / f"{name}.gz").read_bytes())
+        keep = limit if limit is not None and train_part else None
+        (raw / name).write_bytes(data if keep is None else truncated_idx(data, keep))
 
 
 def truncated_idx(data: bytes, count: int) -> bytes:
