@@ -54,6 +54,11 @@ DOCS_END = "<!-- bench/real_images.py: end -->"
 DATASETS = {"fashion-mnist": "torchvision:FashionMNIST", "faces": "builtin:faces"}
 # A recipe is a preset in presets/ applied over params.yaml; None: params.yaml unchanged.
 RECIPES = {"default": None, "classic": "classic"}
+# The params.yaml sections a recipe sets, and their keys that are not part of a recipe (where
+# and how the pipeline runs). A recipe's preset should set every other key of these sections.
+RECIPE_SECTIONS = ("data", "augment", "train", "transfer")
+NOT_RECIPE = {"source", "val_fraction", "test_fraction", "on_bad_image", "workers", "device"}
+NOT_RECIPE |= {"deterministic", "nproc", "privacy"}
 STAGES = ("prepare", "augment", "train", "transfer", "evaluate", "record")
 MODEL_STAGES = {"scratch": "train", "transfer": "transfer"}
 
@@ -114,7 +119,22 @@ def set_params(repo: Path, source: str, recipe: str | None) -> None:
         if key not in section:
             sys.exit(f"{dotted}: no such key in params.yaml: update presets/{recipe}.yaml")
         section[key] = value
+    if recipe is not None:
+        warn_unset(values, overrides, recipe)
     (repo / "params.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+
+
+def warn_unset(values: dict, overrides: dict, recipe: str) -> None:
+    """Name the recipe keys of params.yaml the preset leaves at their params.yaml value: a
+    knob added to params.yaml and not to presets/<recipe>.yaml changes that recipe."""
+    unset = [
+        f"{section}.{key}"
+        for section in RECIPE_SECTIONS
+        for key in values[section]
+        if key not in NOT_RECIPE and f"{section}.{key}" not in overrides
+    ]
+    if unset:
+        print(f"note: presets/{recipe}.yaml does not set {', '.join(unset)}", flush=True)
 
 
 def fashion_mnist_files() -> Path:
