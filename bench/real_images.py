@@ -191,7 +191,10 @@ def run_pipeline(repo: Path) -> dict[str, float]:
         )
         seconds[stage] = time.perf_counter() - started
         if done.returncode:
-            sys.exit(f"dvc repro {stage} failed in {repo}:\n{(done.stdout + done.stderr)[-3000:]}")
+            sys.exit(
+                f"dvc repro {stage} exited with {done.returncode} in {repo} (kept):\n"
+                f"--- stdout\n{done.stdout[-2000:]}\n--- stderr\n{done.stderr[-2000:]}"
+            )
         print(f"  {stage}: {seconds[stage]:.0f} s", flush=True)
     return seconds
 
@@ -265,12 +268,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be at least 1")
-    with tempfile.TemporaryDirectory(prefix="real-images-") as scratch:
-        outcomes = [
-            measure(dataset, recipe, args.limit, Path(scratch))
-            for dataset in args.datasets
-            for recipe in args.recipes
-        ]
+    scratch = Path(tempfile.mkdtemp(prefix="real-images-"))
+    outcomes = [
+        measure(dataset, recipe, args.limit, scratch)
+        for dataset in args.datasets
+        for recipe in args.recipes
+    ]
+    scratch.rmdir()  # each run removes its copy; a failed one is kept for a look
     text = report(outcomes, "uv run python bench/real_images.py " + " ".join(sys.argv[1:]))
     print(text)
     if args.docs:
