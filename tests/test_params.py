@@ -150,14 +150,33 @@ def test_stage_params_use_shared_names_for_both_models():
     assert transfer["frozen_epochs"] == 2 and "frozen_epochs" not in train
 
 
+def with_preset(name: str) -> Params:
+    merged = PARAMS | {}
+    for key, value in preset(name, REPO / "presets").items():
+        section, field = key.split(".")
+        merged[section] = merged[section] | {field: value}
+    return Params.model_validate(merged)
+
+
 def test_the_tiny_preset_is_valid_params():
     tiny = preset("tiny", REPO / "presets")
     assert tiny["train.model"] == "seed_cnn" and tiny["data.image_size"] == 16
-    merged = PARAMS | {}
-    for key, value in tiny.items():
-        section, field = key.split(".")
-        merged[section] = merged[section] | {field: value}
-    assert Params.model_validate(merged).transfer.epochs == tiny["transfer.epochs"]
+    assert with_preset("tiny").transfer.epochs == tiny["transfer.epochs"]
+
+
+def test_the_classic_preset_switches_every_recipe_option_off():
+    """The recipe before its options, for bench/real_images.py: a new option of the train or
+    transfer sections must be given its off value there."""
+    classic = with_preset("classic")
+    for section in (classic.train, classic.transfer):
+        assert section.label_smoothing == section.mixup == section.cutmix == 0
+        assert section.ema_decay == section.patience == section.warmup_epochs == 0
+        assert (section.class_weights, section.precision) == ("none", "fp32")
+    listed = set(preset("classic", REPO / "presets"))
+    for section in ("train", "transfer"):
+        options = set(PARAMS[section]) - {"device", "deterministic", "nproc", "privacy"}
+        assert {f"{section}.{key}" for key in options} <= listed, section
+    assert not classic.augment.on_the_fly and classic.data.image_size == 32
 
 
 def test_cli_reports_bad_params_in_one_line_without_traceback(tmp_path):
