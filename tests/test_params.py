@@ -61,7 +61,7 @@ def test_allowed_models_come_from_the_model_table(tmp_path):
         ({"train.colour": 1}, "unknown key 'train.colour'"),
         ({"surprise": 1}, "unknown key 'surprise'"),
         ({"data.source": "s3://bucket"}, "data.source = 's3://bucket': Value error, must be"),
-        ({"transfer.frozen_epochs": 9}, "frozen_epochs (9) cannot exceed epochs (5)"),
+        ({"transfer.frozen_epochs": 9}, "frozen_epochs (9) cannot exceed epochs (8)"),
         ({"tracking.registered_model": "it's"}, 'tracking.registered_model = "it\'s"'),
         ({"train.privacy.epsilon": 0}, "train.privacy.epsilon = 0: Input should be greater"),
         ({"transfer.privacy.epsilon": -1.5}, "transfer.privacy.epsilon = -1.5: Input should be"),

@@ -110,14 +110,14 @@ def test_a_server_lost_during_training_does_not_stop_it(tracked_repo, tmp_path):
     assert "metrics (train_loss, train_accuracy, val_loss, val_accuracy" in warnings[0]
     assert (
         "was lost; run" in warnings[1]
-        and "; model; description; run status FINISHED" in warnings[1]
+        and "; model; description; fingerprint tag; run status FINISHED" in warnings[1]
     )
     history = (tracked_repo / "reports/train/history.csv").read_text().splitlines()
     assert len(history) == 1 + LOST_EPOCHS
     assert "best_val_accuracy" in (tracked_repo / "reports/train/metrics.json").read_text()
 
 
-def test_a_server_lost_during_evaluate_skips_the_registry_and_says_so(tracked_repo, tmp_path):
+def test_a_server_lost_during_evaluate_still_writes_its_outputs(tracked_repo, tmp_path):
     folder = tmp_path / "lost"
     with mlflow_server(folder) as (uri, process):
         evaluation = subprocess.Popen(
@@ -134,9 +134,8 @@ def test_a_server_lost_during_evaluate_skips_the_registry_and_says_so(tracked_re
         out, err = evaluation.communicate(timeout=600)
     assert evaluation.returncode == 0, out + err
     assert f"warning: MLflow server {uri} unreachable; not sent: " in err, err
-    report = (tracked_repo / "reports/report.md").read_text()
-    assert "not registered: the MLflow server was lost during evaluate" in report, report
-    assert "run `dvc repro --force evaluate`" in report
+    chosen = json.loads((tracked_repo / "reports/evaluate/chosen.json").read_text())
+    assert chosen["model"] in ("scratch", "transfer")  # for record to register, once it is back
     scores = json.loads((tracked_repo / "reports/evaluate/metrics.json").read_text())
     assert set(scores["accuracy"]) == {"scratch", "transfer"}
 
