@@ -96,12 +96,13 @@ def test_augmentation_draws_fresh_views_each_epoch_the_same_on_every_run(digits)
 
 def test_the_weight_average_is_what_is_validated_and_kept(digits):
     trainer = trained(digits, engine.LoopOptions(32, ema_decay=0.99), epochs=2)
+    raw = weights(trainer.model)
     assert differ(trainer.model, trainer.ema.module)  # the average is not the raw model
     kept = trainer.best_model()
-    logits = engine.logits_of(trainer.ema.module, trainer.val)
+    logits = engine.logits_of(kept, trainer.val)
     accuracy = (networks.predicted_classes(logits).numpy() == trainer.val.labels).mean()
-    assert trainer.best.val_accuracy == pytest.approx(accuracy)
-    assert not differ(kept, trainer.ema.module) or trainer.best.epoch != 2
+    assert trainer.best.val_accuracy == pytest.approx(accuracy)  # what was validated is kept
+    assert any(not torch.equal(a, b) for a, b in zip(raw, weights(kept), strict=True))
 
 
 def test_patience_stops_a_fit_that_no_longer_improves(digits):
