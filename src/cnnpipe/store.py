@@ -271,9 +271,14 @@ class Augmentation(BaseModel):
     views: int = Field(ge=1)
 
     def policy(self):
-        """The albumentations policy (seeded per epoch by the loop)."""
+        """The albumentations policy (seeded per epoch by the loop). OpenCV's own threads are
+        turned off: on one small image at a time they cost more than they save (the scratch
+        model's epoch on 32-px images runs ~10% faster; docs/benchmarks.md), and the pixels
+        drawn are the same."""
         import albumentations as A
+        import cv2
 
+        cv2.setNumThreads(0)
         return A.from_dict(self.policy_dict)
 
     def views_by_image(self, rows):
