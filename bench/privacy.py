@@ -5,7 +5,7 @@
 
 For each seed, in a scratch folder with the repository's params.yaml (`seed` set, its own
 MLflow store): `cnnpipe prepare` and `cnnpipe augment` once, then `cnnpipe train` and
-`cnnpipe transfer` once per ε, with `<stage>.privacy.epsilon` set (off: null, the stage's
+`cnnpipe transfer` once per ε, with `<stage>.privacy.epsilon` set (off: 0, the stage's
 ordinary recipe). Every other param is params.yaml's: the private recipes are the stages' own
 (`train.privacy`, `transfer.privacy`). Each model folder is then measured as evaluate measures
 it: test accuracy, and the membership audit's AUC (train split against test split, seeded).
@@ -85,7 +85,7 @@ def measure(folder: Path, target: layout.TrainedModel, seed: int, seconds: float
 
 
 def run_seed(
-    seed: int, epsilons: list[float | None], scratch_model: str, root: Path
+    seed: int, epsilons: list[float], scratch_model: str, root: Path
 ) -> dict[tuple[str, float | None], Outcome]:
     folder = root / f"seed-{seed}"
     folder.mkdir()
@@ -124,7 +124,7 @@ def table(outcomes: dict[str, list[Outcome]], models: dict[str, str]) -> list[st
         spent = [o.epsilon for o in runs if o.epsilon is not None]
         cells = [
             f"{name} ({models[name]})",
-            "off" if epsilon is None else f"{epsilon:g}",
+            "off" if not epsilon else f"{epsilon:g}",
             spread([o.accuracy for o in runs], "{:.1%}"),
             f"{max(spent):.2f}" if spent else "not private",
             spread([o.audit_auc for o in runs], "{:.3f}"),
@@ -139,7 +139,7 @@ def plot(outcomes: dict[str, list[Outcome]], models: dict[str, str], path: Path)
     figure, axes = plt.subplots(figsize=(6, 4))
     for offset, (name, architecture) in enumerate(models.items()):
         keys = [key for key in outcomes if key[0] == name]
-        labels = ["off" if e is None else f"{e:g}" for _, e in keys]
+        labels = ["off" if not e else f"{e:g}" for _, e in keys]
         accuracies = [[o.accuracy * 100 for o in outcomes[key]] for key in keys]
         medians = [statistics.median(a) for a in accuracies]
         low = [m - min(a) for m, a in zip(medians, accuracies, strict=True)]
@@ -166,7 +166,7 @@ def main() -> None:
     parser.add_argument("--scratch-model", default="small_cnn")
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "privacy.png")
     args = parser.parse_args()
-    epsilons = [None if e == "off" else float(e) for e in args.epsilons]
+    epsilons = [0.0 if e == "off" else float(e) for e in args.epsilons]
     transfer_model = yaml.safe_load((REPO / "params.yaml").read_text())["transfer"]["model"]
     models = {"scratch": args.scratch_model, "transfer": transfer_model}
     started = time.perf_counter()

@@ -99,8 +99,9 @@ def test_hostile_yaml_is_one_short_line_at_once(tmp_path, text):
     ("key", "value", "said"),
     [
         ("train.privacy.max_grad_norm", float("inf"), "finite number"),
-        ("train.privacy.epsilon", 1e9, "less than or equal to 100"),
-        ("transfer.privacy.delta", 1e-300, "greater than or equal"),
+        ("train.privacy.epsilon", 1e9, "a budget from 0.01 to 100"),
+        ("train.privacy.epsilon", float("nan"), "a budget from 0.01 to 100"),
+        ("transfer.privacy.delta", 1e-300, "a number from 1e-12 up to 1"),
         ("train.lr", float("nan"), "finite number"),
         ("transfer.backbone_lr", 1e-30, "greater than or equal"),
         ("tracking.experiment", "../../outside", "a plain name"),

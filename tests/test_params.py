@@ -63,13 +63,14 @@ def test_allowed_models_come_from_the_model_table(tmp_path):
         ({"data.source": "s3://bucket"}, "data.source = 's3://bucket': Value error, must be"),
         ({"transfer.frozen_epochs": 9}, "frozen_epochs (9) cannot exceed epochs (8)"),
         ({"tracking.registered_model": "it's"}, 'tracking.registered_model = "it\'s"'),
-        ({"train.privacy.epsilon": 0}, "train.privacy.epsilon = 0: Input should be greater"),
-        ({"transfer.privacy.epsilon": -1.5}, "transfer.privacy.epsilon = -1.5: Input should be"),
-        ({"train.privacy.delta": 1}, "train.privacy.delta = 1: Input should be less than 1"),
         (
-            {"train.privacy.delta": 0},
-            "train.privacy.delta = 0: Input should be greater than or equal to 0.000000000001",
+            {"train.privacy.epsilon": 0.001},
+            "train.privacy.epsilon = 0.001: Value error, must be 0 (not private) or a budget",
         ),
+        ({"transfer.privacy.epsilon": -1.5}, "transfer.privacy.epsilon = -1.5: Value error, must"),
+        ({"train.privacy.epsilon": None}, "train.privacy.epsilon = None: Value error, must be 0"),
+        ({"train.privacy.delta": 1}, "train.privacy.delta = 1: Value error, must be auto or a"),
+        ({"train.privacy.delta": 0}, "train.privacy.delta = 0: Value error, must be auto or a"),
         (
             {"train.privacy.epsilon": 8, "train.nproc": 2},
             "train: train.privacy.epsilon is set with train.nproc = 2: private training runs in "
@@ -93,7 +94,7 @@ def test_a_model_without_a_private_recipe_cannot_train_privately(tmp_path, monke
         load_params(tmp_path / "params.yaml")
     assert str(caught.value).endswith(
         "train: train.model plain_cnn cannot train privately: choose one of seed_cnn, "
-        "small_cnn, or set train.privacy.epsilon: null"
+        "small_cnn, or set train.privacy.epsilon: 0"
     )
     write_params(tmp_path, {"train.model": "plain_cnn"})
     assert load_params(tmp_path / "params.yaml").train.model == "plain_cnn"
@@ -190,3 +191,17 @@ def test_cli_reports_bad_params_in_one_line_without_traceback(tmp_path):
     assert len(lines) == 1
     assert "data.image_size = 4" in lines[0] and "auto or a whole number from 8 to 512" in lines[0]
     assert not (tmp_path / "data").exists()
+
+
+def test_dvc_exp_run_set_changes_only_the_line_it_sets(tmp_path):
+    """`dvc exp run -S` rewrites params.yaml through DVC's own YAML writer, which writes a
+    `null` as nothing at all: params.yaml has no null, so every other line comes back as is."""
+    from dvc.utils.hydra import apply_overrides
+
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    apply_overrides(path, ["train.lr=0.01", "transfer.privacy.epsilon=8"])
+    before, after = (REPO / "params.yaml").read_text().splitlines(), path.read_text().splitlines()
+    changed = [(old, new) for old, new in zip(before, after, strict=True) if old != new]
+    assert [new.split("#")[0].split() for _, new in changed] == [["lr:", "0.01"], ["epsilon:", "8"]]
+    assert load_params(path).transfer.privacy.enabled

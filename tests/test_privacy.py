@@ -27,7 +27,7 @@ def trainer_on(model, digits, batch_size, epochs, checkpoint=None) -> engine.Tra
 
 
 def settings(**changes) -> PrivacyParams:
-    base = dict(epsilon=8.0, delta=None, max_grad_norm=1.0, epochs=2, batch_size=32, lr=1e-3)
+    base = dict(epsilon=8.0, delta="auto", max_grad_norm=1.0, epochs=2, batch_size=32, lr=1e-3)
     return PrivacyParams(**(base | changes))
 
 

@@ -22,7 +22,7 @@ def tune_params(**changes) -> TuneParams:
 
 def test_conditional_entries_are_sampled_only_where_their_condition_holds():
     space = {
-        "train.privacy.epsilon": {"choices": [None, 8.0]},
+        "train.privacy.epsilon": {"choices": [0, 8.0]},
         "train.privacy.lr": {
             "low": 0.001,
             "high": 0.01,
@@ -42,7 +42,7 @@ def test_conditional_entries_are_sampled_only_where_their_condition_holds():
         assert isinstance(sampled["train.batch_size"], int)
         if "train.privacy.lr" in sampled:
             assert 0.001 <= sampled["train.privacy.lr"] <= 0.01
-    assert {s["train.privacy.epsilon"] for s in seen} == {None, 8.0}
+    assert {s["train.privacy.epsilon"] for s in seen} == {0, 8.0}
 
 
 @pytest.mark.parametrize(

@@ -98,16 +98,34 @@ class AugmentParams(Section):
     brightness_contrast_p: float = Field(ge=0, le=1)
 
 
+def budget_or_off(value: object) -> float:
+    """ε: 0 (not private) or a budget from 0.01 to 100. The bounds keep the noise calibration
+    finite: below ε = 0.01 the noise needed grows without bound, above ε = 100 a fit is private
+    in name only."""
+    if not (type(value) in (int, float) and (value == 0 or 0.01 <= value <= 100)):
+        raise ValueError("must be 0 (not private) or a budget from 0.01 to 100")
+    return float(value)
+
+
+def number_or_auto(low: float, below: float):
+    """A number from `low` up to (not including) `below`, or `auto` (resolved by a stage)."""
+
+    def check(value: object) -> float | str:
+        if value != "auto" and not (type(value) in (int, float) and low <= value < below):
+            raise ValueError(f"must be auto or a number from {low:g} up to {below:g}")
+        return value
+
+    return Annotated[object, AfterValidator(check)]
+
+
 class PrivacyParams(Section):
     """A training stage's differentially private fit (`privacy.py`). Off while `epsilon` is
-    null; on, the stage follows its private recipe with these epochs, batch size and learning
+    0; on, the stage follows its private recipe with these epochs, batch size and learning
     rate instead of its own: DP-SGD wants far larger batches than ordinary training. Whether
     `delta` is below 1 / (training images) is checked when the images are counted."""
 
-    # The bounds keep the noise calibration finite: below ε = 0.01 or δ = 1e-12 the noise
-    # needed grows without bound, above ε = 100 a fit is private in name only.
-    epsilon: float | None = Field(ge=0.01, le=100)  # the privacy budget of the whole fit; null: off
-    delta: float | None = Field(ge=1e-12, lt=1)  # null: 1 / (10 x training images)
+    epsilon: Annotated[object, AfterValidator(budget_or_off)]  # of the whole fit; 0: off
+    delta: number_or_auto(1e-12, 1)  # auto: privacy.default_delta (below 1e-12: unbounded noise)
     max_grad_norm: float = Field(
         ge=1e-6, le=1000
     )  # each image's gradient is clipped to this L2 norm
@@ -117,7 +135,7 @@ class PrivacyParams(Section):
 
     @property
     def enabled(self) -> bool:
-        return self.epsilon is not None
+        return self.epsilon > 0
 
 
 class FitParams(Section):
@@ -159,7 +177,7 @@ class FitParams(Section):
             able = [name for name in models.names(stage) if models.MODELS[name].private]
             raise ValueError(
                 f"{stage}.model {self.model} cannot train privately: choose one of "
-                f"{', '.join(able)}, or set {stage}.privacy.epsilon: null"
+                f"{', '.join(able)}, or set {stage}.privacy.epsilon: 0"
             )
         if self.nproc > 1:
             raise ValueError(
@@ -255,7 +273,7 @@ class TuneParams(Section):
     reads this section: it changes which experiments run, not what a stage writes."""
 
     study: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-    storage: str | None = Field(min_length=1)  # null: a SQLite file in the repository
+    storage: str = Field(min_length=1)  # local: a SQLite file in the repository, or a URL
     trials: int = Field(ge=1, le=100_000)
     jobs: int = Field(ge=1, le=256)
     metric: Literal["val_accuracy", "val_loss"]

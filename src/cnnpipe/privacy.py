@@ -74,11 +74,11 @@ def default_delta(train_size: int) -> float:
 def delta_for(privacy: PrivacyParams, train_size: int) -> float:
     """The δ of a fit on `train_size` images: `privacy.delta`, or `default_delta`. A δ not below
     1 / `train_size` is a one-line `UserError`."""
-    delta = privacy.delta if privacy.delta is not None else default_delta(train_size)
+    delta = default_delta(train_size) if privacy.delta == "auto" else privacy.delta
     if delta >= 1 / train_size:
         raise UserError(
             f"privacy.delta = {delta:g} is not below 1 / {train_size} training images: lower "
-            f"it (or set it to null for {default_delta(train_size):.2g})"
+            f"it (or set it to auto for {default_delta(train_size):.2g})"
         )
     return delta
 

@@ -38,6 +38,7 @@ from cnnpipe.params import Params, TuneParams, load_params, parse_value, read_ya
 from cnnpipe.tracking import repo_root
 
 STORAGE_FILE = "tune.db"  # the default storage, at the repository root (git-ignored)
+LOCAL_STORAGE = "local"  # tune.storage's name for it
 LOGS = Path(".dvc/tmp/tune")  # each trial's `dvc exp run` output, <experiment>.log
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 POLL_S = 1.0
@@ -105,7 +106,9 @@ def settings(
     params = validated(with_overrides(raw, trial_keys | tune_keys), "the overrides")
     for key in params.tune.space:
         with_overrides(raw, {key: None})  # every searched key exists
-    url = params.tune.storage or f"sqlite:///{repo_root() / STORAGE_FILE}"
+    url = params.tune.storage
+    if url == LOCAL_STORAGE:
+        url = f"sqlite:///{repo_root() / STORAGE_FILE}"
     return Settings(params.tune, trial_keys, url, params)
 
 
