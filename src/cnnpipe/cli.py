@@ -10,6 +10,7 @@ import contextlib
 import gc
 import importlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -108,9 +109,29 @@ def ui(port: int) -> int:
         return 0
     print(f"MLflow UI: http://127.0.0.1:{port}/{page}   (Ctrl-C stops it)", flush=True)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--workers", "1"]
-    with contextlib.suppress(KeyboardInterrupt):
-        return subprocess.run([*command, "--port", str(port)], check=False).returncode
-    return 0
+    command += ["--port", str(port), "--uvicorn-opts", "--log-level warning"]
+    # MLflow's job runner (seven worker processes for GenAI jobs) serves nothing of ours and
+    # outlives a Ctrl-C of the UI: it stays off. The UI runs in its own session, so a Ctrl-C
+    # reaches its server once, forwarded by MLflow (twice, uvicorn stops with a traceback).
+    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(command, env=env, start_new_session=True)
+    try:
+        return server.wait()
+    except KeyboardInterrupt:
+        stop_session(server, signal.SIGINT, grace_s=5)
+        print("MLflow UI stopped")
+        return 0
+
+
+def stop_session(process: subprocess.Popen, signum: int, grace_s: float) -> None:
+    """Send `signum` to `process`, the leader of its own session; what is left of the session
+    after `grace_s` is killed."""
+    process.send_signal(signum)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=grace_s)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def tune(args: argparse.Namespace) -> int:

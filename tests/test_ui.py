@@ -1,0 +1,82 @@
+"""`cnnpipe ui`: MLflow's UI on the repository's store, stopped by one Ctrl-C with one line."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from shell import environment, free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def processes_in(folder: Path) -> dict[int, str]:
+    """The running processes whose working directory is `folder`, with their command lines:
+    the UI and everything it started (none of them changes directory)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if Path(os.readlink(entry / "cwd")) == folder:
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                found[int(entry.name)] = command
+        except (OSError, ValueError):  # not a process, or gone meanwhile
+            continue
+    return found
+
+
+def kill_all(processes: dict[int, str]) -> None:
+    for pid in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def test_ctrl_c_stops_the_ui_and_every_process_it_started(tmp_path):
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    port = free_port()
+    ui = subprocess.Popen(
+        ["cnnpipe", "ui", "--port", str(port)],
+        cwd=tmp_path,
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a shell's foreground job
+    )
+    try:
+        stop_with_ctrl_c(ui, port, tmp_path)
+    finally:  # a failed check leaves nothing running
+        kill_all(processes_in(tmp_path))
+
+
+def stop_with_ctrl_c(ui: subprocess.Popen, port: int, folder: Path) -> None:
+    deadline = time.monotonic() + 120
+    while not answers(f"http://127.0.0.1:{port}/"):
+        assert ui.poll() is None and time.monotonic() < deadline, ui.communicate()
+        time.sleep(0.5)
+    assert len(processes_in(folder)) >= 2  # cnnpipe and the server it started
+
+    stopped_at = time.monotonic()
+    os.killpg(ui.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends to the foreground job
+    out, err = ui.communicate(timeout=10)
+    while processes_in(folder) and time.monotonic() < stopped_at + 5:
+        time.sleep(0.1)
+    assert not processes_in(folder), f"outlived Ctrl-C by 5 s: {processes_in(folder)}"
+    assert ui.returncode == 0
+    assert out.splitlines()[-1] == "MLflow UI stopped"
+    assert "Traceback" not in err and "huey" not in err, err
