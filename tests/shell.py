@@ -121,7 +121,7 @@ def mlflow_server(folder: Path, timeout_s: float = 120) -> Iterator[tuple[str, s
             "--workers",
             "1",
         ],
-        env=environment(),
+        env=environment(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),  # no GenAI job workers
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,

@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -490,7 +491,11 @@ class Trainer:
             logits = net(inputs)
         batch_loss = self.options.objective(logits, trained_on)
         optimizer.zero_grad(set_to_none=True)
-        batch_loss.backward()
+        with warnings.catch_warnings():
+            # DP-SGD's per-image gradient hooks (Opacus) sit on the first layer too, whose
+            # input needs no gradient: torch says so at every step, and nothing is wrong.
+            warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
+            batch_loss.backward()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()

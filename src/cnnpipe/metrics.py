@@ -24,7 +24,9 @@ def score(labels: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> 
     )
     return {
         "accuracy": skm.accuracy_score(labels, predicted),
-        "macro_f1": skm.f1_score(labels, predicted, average="macro", labels=everyone),
+        "macro_f1": skm.f1_score(
+            labels, predicted, average="macro", labels=everyone, zero_division=0
+        ),
         "roc_auc": roc_auc(labels, probabilities),
         "ece": expected_calibration_error(labels, probabilities),
         "precision": dict(zip(classes, precision.tolist(), strict=True)),
