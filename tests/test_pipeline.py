@@ -118,6 +118,11 @@ def test_dvc_repro_runs_every_stage_and_logs_each_to_mlflow(digits_repo):
     assert "recorded already" in again.stdout
     assert sum(len(r) for r in runs_by_stage(repo_copy).values()) == len(RUNS)
 
+    samples = ["samples/digit-3.png", "samples/digit-7.png"]  # the README's predict example
+    predicted = run([str(BIN / "cnnpipe"), "predict", *samples], repo_copy)
+    assert predicted.stderr.splitlines()[-1] == "model: cnnpipe-classifier version 1 (@champion)"
+    assert [line.split(": ")[0] for line in predicted.stdout.splitlines()] == samples
+
 
 SECRET = "s3cr3t-value-that-must-not-be-logged"
 DATA_PICTURES = ("samples.png", "preview.png", "misclassified", "gradcam")

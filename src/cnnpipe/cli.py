@@ -88,7 +88,12 @@ def predict(paths: list[Path], model_dir: Path | None) -> int:
     if model_dir is not None:
         classifier = serving.ImageClassifier(model_dir)
     else:
-        classifier = serving.load(registry.champion_uri(load_params().tracking.registered_model))
+        version = registry.required_champion(load_params().tracking.registered_model)
+        print(
+            f"model: {version.name} version {version.version} (@{registry.CHAMPION})",
+            file=sys.stderr,
+        )
+        classifier = serving.load(registry.version_uri(version))
     answers = serving.predict_files(classifier, paths)
     for path, answer in answers:
         print(f"{path}: {answer}")

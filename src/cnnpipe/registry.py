@@ -173,10 +173,20 @@ def make_champion(registered_model: str, version: str) -> None:
 
 def champion_uri(registered_model: str) -> str:
     """The champion's model URI, or a clear error when there is none yet."""
-    if champion(registered_model) is None:
+    return version_uri(required_champion(registered_model))
+
+
+def version_uri(version: ModelVersion) -> str:
+    return f"models:/{version.name}/{version.version}"
+
+
+def required_champion(registered_model: str) -> ModelVersion:
+    """The champion's version, or a clear error when there is none yet."""
+    found = champion(registered_model)
+    if found is None:
         raise UserError(
             f"no champion of '{registered_model}' in {tracking.tracking_uri()}: the record "
             "stage registers one when `dvc repro` runs it (a fresh clone's first repro may "
             "skip it; then run `dvc repro -f -s record`), or pass --model models/scratch"
         )
-    return f"models:/{registered_model}@{CHAMPION}"
+    return found
