@@ -19,6 +19,8 @@ from cnnpipe.stages import prepare
 from conftest import REPO
 
 REPOSITORY_PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
 def key_paths(table: dict, prefix: tuple = ()) -> list[tuple[str, ...]]:
     """Every leaf's path of keys (a key may hold dots: the search space's `train.lr`)."""
     paths = []

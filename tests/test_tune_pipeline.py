@@ -53,6 +53,9 @@ def test_a_study_of_dvc_experiments_prunes_and_lands_in_mlflow(faces_repo):
     for name, data in shown.items():
         lr = data["params"]["params.yaml"]["data"]["train"]["lr"]
         assert lr == trials[int(name.split("-")[1])].params["train.lr"]
+    evaluated = {n: d["metrics"]["reports/evaluate/metrics.json"]["data"] for n, d in shown.items()}
+    assert evaluated["search-3"]["pruned_at_epoch"] == {"scratch": 1}  # a column of exp show
+    assert "pruned_at_epoch" not in evaluated["search-1"]
     pruned = git_json(faces_repo, "search-3", "reports/train/metrics.json")
     assert pruned["pruned_at_epoch"] == 1 and pruned["best_epoch"] == 1
     assert "pruned_at_epoch" not in git_json(faces_repo, "search-1", "reports/train/metrics.json")

@@ -221,6 +221,7 @@ def run(recipe: Recipe, params: Params, recorder: Recorder) -> None:
             std=norm.std,
             best_epoch=fitted.best.epoch,
             privacy=fitted.privacy,
+            pruned_at_epoch=fitted.pruned_at,
             precision=options.precision,
             resize=params.data.resize,
             **recipe.meta,

@@ -35,6 +35,7 @@ class ModelResult:
     scores: dict  # headline scores, plus per-class precision, recall and support
     costs: dict
     privacy: PrivacySpent | None = None  # the guarantee of a model trained with DP-SGD
+    pruned_at_epoch: int | None = None  # a search trial's model, stopped after this epoch
     figures: list[str] = field(default_factory=list)  # file names under reports/figures
 
     def headline(self) -> dict[str, float | None]:
@@ -61,10 +62,12 @@ class ModelResult:
 def metrics_file(results: list[ModelResult]) -> dict[str, dict[str, float | None]]:
     """`reports/evaluate/metrics.json`: each headline score for both models, score first, so
     `dvc exp show` puts `accuracy.scratch` and `accuracy.transfer` in its first columns; and
-    each model's ε (null: not private)."""
+    each model's ε (null: not private); in a pruned search trial, the epoch each pruned model
+    stopped after, so that its DVC experiment says so (`dvc exp show`)."""
     scores = {key: {r.name: r.headline()[key] for r in results} for _, key, _ in HEADLINE}
     epsilon = {r.name: r.privacy.epsilon if r.privacy else None for r in results}
-    return scores | {"epsilon": epsilon}
+    pruned = {r.name: r.pruned_at_epoch for r in results if r.pruned_at_epoch is not None}
+    return scores | {"epsilon": epsilon} | ({"pruned_at_epoch": pruned} if pruned else {})
 
 
 def per_class_rows(results: list[ModelResult]) -> list[dict]:

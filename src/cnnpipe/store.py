@@ -329,6 +329,7 @@ class ModelMeta(BaseModel):
     resize: Literal["squash", "pad", "center_crop"] = "squash"  # how its images became square
     # trained with DP-SGD (scratch models are then built without batch norm, networks.build)
     privacy: PrivacySpent | None = None
+    pruned_at_epoch: int | None = Field(None, ge=1)  # a search trial's pruner stopped it here
 
     @field_validator("architecture")
     @classmethod

@@ -89,8 +89,9 @@ def measure(
     test_losses = audit.losses(logits, test.labels)
     audit_auc = audit.membership_audit(network, test.members, test_losses, model.norm, device, seed)
     scores = test.score(probabilities) | {"audit_auc": audit_auc}
+    meta = model.meta
     result = ModelResult(
-        model.target.name, model.meta.architecture, scores, costs, model.meta.privacy
+        model.target.name, meta.architecture, scores, costs, meta.privacy, meta.pruned_at_epoch
     )
     data_figures = data_pictures(model, test, probabilities, settings) if show_data else {}
     return Measured(
