@@ -2,15 +2,17 @@
 
     uv run python bench/tune.py                      # 8 trials per arm, 2 side by side
     uv run python bench/tune.py --trials 16 --jobs 1
+    uv run python bench/tune.py --recipe default --epochs 15   # small_cnn at 32 px
 
-In a scratch copy of the repository (its own git, DVC and MLflow store): the tiny preset on
-digits, with the scratch model trained for `--epochs` epochs, reproduced once as the baseline
-and committed. Then two studies over the same space (train.lr on a log scale from 1e-5, which
-cannot learn in that many epochs, to 0.1; train.batch_size), the scratch model's best val
-accuracy as the value: `tpe` + `median` pruning, and `random` + no pruning. Each study is one
-`cnnpipe tune` process; its CPU time is that of the process and everything it started
-(getrusage of the waited-for children), its wall time the process's. Prints a markdown table:
-best val accuracy, trials pruned, CPU seconds, wall seconds, per arm.
+In a scratch copy of the repository (its own git, DVC and MLflow store): digits with the tiny
+preset (or, with `--recipe default`, params.yaml's own recipe), the scratch model trained for
+`--epochs` epochs, reproduced once as the baseline and committed. Then two studies over the
+same space (train.lr on a log scale from 1e-5, which cannot learn in that many epochs, to 0.1;
+train.batch_size), the scratch model's best val accuracy as the value: `tpe` + `median`
+pruning, and `random` + no pruning. Each study is one `cnnpipe tune` process; its CPU time is
+that of the process and everything it started (getrusage of the waited-for children), its
+wall time the process's. Prints a markdown table: best val accuracy, trials pruned, CPU
+seconds, wall seconds, per arm.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ SPACE = {
 ARMS = {"tpe + median pruning": ("tpe", "median"), "random, no pruning": ("random", "none")}
 
 
-def scratch_repo(folder: Path, epochs: int) -> Path:
-    """The repository's tracked files, tiny preset on digits, reproduced and committed."""
+def scratch_repo(folder: Path, epochs: int, tiny: bool) -> Path:
+    """The repository's tracked files on digits (with the tiny preset, or params.yaml's own
+    recipe), reproduced and committed."""
     repo = folder / "repo"
     files = subprocess.run(
         ["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True, text=True
@@ -50,7 +53,8 @@ def scratch_repo(folder: Path, epochs: int) -> Path:
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, repo / name)
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    for key, value in (preset("tiny", REPO / "presets") | {"train.epochs": epochs}).items():
+    changes = preset("tiny", REPO / "presets") if tiny else {}
+    for key, value in (changes | {"train.epochs": epochs}).items():
         section, leaf = key.split(".")
         params[section][leaf] = value
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
@@ -111,16 +115,23 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument(
+        "--recipe",
+        choices=("tiny", "default"),
+        default="tiny",
+        help="tiny: seed_cnn at 16 px (trials are mostly fixed cost); default: params.yaml's",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-tune-") as folder:
-        repo = scratch_repo(Path(folder), args.epochs)
+        repo = scratch_repo(Path(folder), args.epochs, args.recipe == "tiny")
         results = {
             arm: tune(repo, f"arm{i}", sampler, pruner, args.trials, args.jobs)
             for i, (arm, (sampler, pruner)) in enumerate(ARMS.items())
         }
     print(
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-        f"{args.trials} trials per arm, {args.jobs} side by side, {args.epochs} epochs\n"
+        f"{args.recipe} recipe, {args.trials} trials per arm, {args.jobs} side by side, "
+        f"{args.epochs} epochs\n"
     )
     print("| arm | best val accuracy | trials pruned | CPU s | wall s |")
     print("|---|---|---|---|---|")
