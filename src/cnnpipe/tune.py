@@ -284,7 +284,7 @@ def outcome(name: str, baseline: str, tune: TuneParams) -> tuple[TrialState, flo
     pruned = {s: m[trial.PRUNED_KEY] for s, m in metrics.items() if m and trial.PRUNED_KEY in m}
     if pruned:
         where = ", ".join(f"{stage} after epoch {epoch}" for stage, epoch in pruned.items())
-        return TrialState.PRUNED, None, f"pruned: {where}"
+        return TrialState.PRUNED, None, where
     values = [metrics[stage][f"best_{tune.metric}"] for stage in stages]
     value = min(values) if trial.direction(tune.metric) == "minimize" else max(values)
     return TrialState.COMPLETE, value, f"{tune.metric} {value:.4f}"
