@@ -119,6 +119,9 @@ def ui(port: int) -> int:
     # outlives a Ctrl-C of the UI: it stays off. The UI runs in its own session, so a Ctrl-C
     # reaches its server once, forwarded by MLflow (twice, uvicorn stops with a traceback).
     env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    # A process started with SIGINT ignored (a script's background job, a test runner's
+    # worker) keeps ignoring it: this command answers it whoever started it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     server = subprocess.Popen(command, env=env, start_new_session=True)
     try:
         return server.wait()
