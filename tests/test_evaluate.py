@@ -59,7 +59,12 @@ def test_a_score_undefined_on_the_test_split_is_none_and_never_wins():
     probabilities = np.array([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.3, 0.6, 0.1]])
     scores = metrics.score(labels, probabilities, ["a", "b", "c"]) | {"audit_auc": 0.5}
     assert scores["roc_auc"] is None and scores["accuracy"] == 1.0
-    undefined = ModelResult("a", "a", scores, {"parameters": 1, "latency_ms": 1, "file_mb": 1})
+    undefined = ModelResult(
+        "a",
+        "a",
+        scores,
+        {"parameters": 1, "latency_ms": 1, "latency_load_average": 1, "file_mb": 1},
+    )
     defined = ModelResult("b", "b", scores | {"roc_auc": 0.1}, {"parameters": 99})
     assert choose([undefined, defined], "roc_auc").name == "b"
     assert "roc_auc" in undefined.headline() and "test_roc_auc" not in undefined.test_metrics()
@@ -71,7 +76,7 @@ def test_the_report_shows_each_models_epsilon_beside_its_audit_and_tags_carry_it
     probabilities = np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.9, 0.1]])
     scores = metrics.score(np.array([0, 1, 1, 0]), probabilities, ["no", "yes"])
     scores["audit_auc"] = 0.512
-    costs = {"parameters": 1, "latency_ms": 1, "file_mb": 1}
+    costs = {"parameters": 1, "latency_ms": 1, "latency_load_average": 1, "file_mb": 1}
     private = ModelResult(
         "scratch", "seed_cnn", scores, costs, PrivacySpent(epsilon=7.98, delta=8.6e-5)
     )

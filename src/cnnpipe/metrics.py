@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -74,16 +75,19 @@ def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray) ->
     return float((gaps * bins["count"]).sum() / bins["count"].sum())
 
 
-def latency_ms_per_image(
+def latency(
     model: torch.nn.Module,
     images: np.ndarray,
     norm: engine.Normalisation,
     device: torch.device,
     repeats: int = 20,
-) -> float:
-    """Median wall time of predicting one image (batch of 1) on `device`, in milliseconds."""
+) -> dict[str, float]:
+    """`latency_ms`: the median wall time of predicting one image (batch of 1) on `device`,
+    after a warm-up; `latency_load_average`: the machine's 1-minute load average as it was
+    timed, which says how far a busy machine may have slowed it."""
     one = images[:1].copy()
     engine.predict_logits(model, one, norm, device)  # warm-up
+    load_average = os.getloadavg()[0]
     timings = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -91,7 +95,7 @@ def latency_ms_per_image(
         if device.type == "cuda":
             torch.cuda.synchronize()
         timings.append(time.perf_counter() - started)
-    return float(np.median(timings) * 1000)
+    return {"latency_ms": float(np.median(timings) * 1000), "latency_load_average": load_average}
 
 
 def size(model: torch.nn.Module, weights_file: Path) -> dict[str, float]:

@@ -81,9 +81,8 @@ def measure(
     network = model.network.to(device)
     logits = engine.predict_logits(network, test.images, model.norm, device, settings.batch_size)
     probabilities = with_tta(networks.probabilities(logits).numpy(), model, test, settings, device)
-    costs = metrics.size(network, model.target.folder / "weights.pt") | {
-        "latency_ms": metrics.latency_ms_per_image(network, test.images, model.norm, device)
-    }
+    costs = metrics.size(network, model.target.folder / "weights.pt")
+    costs |= metrics.latency(network, test.images, model.norm, device)
     # the membership audit (audit.py): the train split's images (members, un-augmented)
     # against the test split's, as many of each (seeded)
     test_losses = audit.losses(logits, test.labels)
