@@ -21,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from cnnpipe import tracking
 from cnnpipe.errors import UserError
 
+GATE_TAG = "gate"  # on every version: how the champion gate decided about it
 CHAMPION = "champion"
 
 
@@ -120,40 +121,54 @@ def promote(
     sentence the report shows. `score_champion(version)` measures the champion on the
     candidate's test data (None when it predicts other classes: then the two cannot be
     compared, and the candidate, trained on the data of today, takes the alias)."""
-    metric, value = candidate.metric, candidate.score
-    if not math.isfinite(value):
-        return f"not registered: its test {metric} is not a number ({value})."
+    if not math.isfinite(candidate.score):
+        return f"not registered: its test {candidate.metric} is not a number ({candidate.score})."
     with champion_gate():
         version = register(registered_model, candidate).version
         current = champion(registered_model)
-        if current is None:
-            make_champion(registered_model, version)
-            return (
-                f"version {version} of `{registered_model}` is the first champion "
-                f"(test {metric} {value:.4f})."
-            )
-        if current.version == version:
+        if current is not None and current.version == version:
             return (
                 f"version {version} of `{registered_model}` (this model) is already the champion."
             )
-        held = _champion_score(current, candidate, score_champion)
-        if held is None:
-            make_champion(registered_model, version)
-            return (
-                f"champion moved to version {version} without a comparison: version "
-                f"{current.version} was trained on other classes, so their scores cannot be "
-                "compared, and the model of the current data wins."
-            )
-        if value > held:
-            make_champion(registered_model, version)
-            return (
-                f"champion moved to version {version}: test {metric} {value:.4f} beats "
-                f"version {current.version}'s {held:.4f} on the same test data."
-            )
+        sentence = _decide(registered_model, version, current, candidate, score_champion)
+        tracking.client().set_model_version_tag(registered_model, version, GATE_TAG, sentence)
+        return sentence
+
+
+def _decide(
+    registered_model: str,
+    version: str,
+    current: ModelVersion | None,
+    candidate: Candidate,
+    score_champion: Callable[[ModelVersion], float | None],
+) -> str:
+    """Move `champion` from `current` to `version` if it wins; the sentence that says what
+    happened (also the version's `gate` tag: a losing candidate is registered, and says so)."""
+    metric, value = candidate.metric, candidate.score
+    if current is None:
+        make_champion(registered_model, version)
         return (
-            f"champion stays version {current.version}: its test {metric} {held:.4f} on the "
-            f"same test data is not beaten by version {version}'s {value:.4f}."
+            f"version {version} of `{registered_model}` is the first champion "
+            f"(test {metric} {value:.4f})."
         )
+    held = _champion_score(current, candidate, score_champion)
+    if held is None:
+        make_champion(registered_model, version)
+        return (
+            f"champion moved to version {version} without a comparison: version "
+            f"{current.version} was trained on other classes, so their scores cannot be "
+            "compared, and the model of the current data wins."
+        )
+    if value > held:
+        make_champion(registered_model, version)
+        return (
+            f"champion moved to version {version}: test {metric} {value:.4f} beats "
+            f"version {current.version}'s {held:.4f} on the same test data."
+        )
+    return (
+        f"champion stays version {current.version}: its test {metric} {held:.4f} on the "
+        f"same test data is not beaten by version {version}'s {value:.4f}."
+    )
 
 
 def _champion_score(
