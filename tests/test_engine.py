@@ -84,7 +84,8 @@ def test_a_checkpoint_for_other_params_is_set_aside(tmp_path, capsys):
     _fit(data, 1, engine.Checkpoint(tmp_path / "last.pt", key="old"))
     trainer = _fit(data, 1, engine.Checkpoint(tmp_path / "last.pt", key="new"))
     assert [r.epoch for r in trainer.history] == [1]
-    assert (tmp_path / "set-aside.pt").exists()
+    assert engine.Checkpoint(tmp_path / "last.pt", key="new").set_aside_path.exists()
+    assert list(tmp_path.iterdir()) == [tmp_path / "last.pt"]  # the checkpoint folder: clean
     assert "written with other params or data" in capsys.readouterr().err
 
 

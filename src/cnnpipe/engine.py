@@ -243,8 +243,15 @@ class Checkpoint:
             return self._set_aside("was written with other params or data")
         return state
 
+    @property
+    def set_aside_path(self) -> Path:
+        """Beside the checkpoint's folder, not in it: the folder is a DVC output, whose
+        recorded hash must not depend on what an earlier configuration left."""
+        folder = self.path.parent
+        return folder.with_name(f"{folder.name}.set-aside.pt")
+
     def _set_aside(self, why: str) -> None:
-        set_aside = self.path.with_name("set-aside.pt")
+        set_aside = self.set_aside_path
         if set_aside.is_dir() and not set_aside.is_symlink():
             shutil.rmtree(set_aside)
         else:
