@@ -122,6 +122,13 @@ def test_dvc_repro_runs_every_stage_and_logs_each_to_mlflow(digits_repo):
     predicted = run([str(BIN / "cnnpipe"), "predict", *samples], repo_copy)
     assert predicted.stderr.splitlines()[-1] == "model: cnnpipe-classifier version 1 (@champion)"
     assert [line.split(": ")[0] for line in predicted.stdout.splitlines()] == samples
+    store_uri = f"sqlite:///{repo_copy / 'mlflow.db'}"
+    version = MlflowClient(store_uri).get_model_version("cnnpipe-classifier", "1")
+    head = run(["git", "rev-parse", "HEAD"], repo_copy).stdout.strip()
+    assert version.tags["dvc_exp_name"] == "workspace" and version.tags["git_commit"] == head
+    data_hash = json.loads((repo_copy / "reports" / "prepare.json").read_text())["data_hash"]
+    assert version.tags["data_hash"] == data_hash
+    assert version.tags["gate"].startswith("version 1 of `cnnpipe-classifier` is the first")
 
 
 SECRET = "s3cr3t-value-that-must-not-be-logged"

@@ -34,6 +34,12 @@ def scores() -> dict[str, float]:
     return {name: value for name, value in found if isinstance(value, int | float)}
 
 
+def version_origin() -> dict[str, str]:
+    """Where a registered version comes from: the DVC experiment and the git commit."""
+    commit = tracking.git_tags().get("mlflow.source.git.commit", "")
+    return {"dvc_exp_name": tracking.execution_name()} | ({"git_commit": commit} if commit else {})
+
+
 def promote(params: Params, chosen: dict, stage_runs: dict[str, str | None]) -> str:
     """Register the chosen model and gate the champion alias; the registry's decision."""
     trained_by = next(m.stage for m in layout.TRAINED if m.name == chosen["model"])
@@ -48,7 +54,9 @@ def promote(params: Params, chosen: dict, stage_runs: dict[str, str | None]) -> 
         metric=metric,
         score=chosen["score"],
         data_hash=chosen["data_hash"],
-        tags={"architecture": chosen["architecture"], "model": chosen["model"]} | chosen["privacy"],
+        tags={"architecture": chosen["architecture"], "model": chosen["model"]}
+        | chosen["privacy"]
+        | version_origin(),
         description=f"{chosen['model']} ({chosen['architecture']}): test {metric} "
         f"{chosen['score']:.4f} on {chosen['test_images']} images (data hash "
         f"{chosen['data_hash'][:12]}).",
