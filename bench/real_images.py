@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from repo_copy import copy_repo
 
 from cnnpipe import params
 from cnnpipe.sources import TORCHVISION_ROOT
@@ -79,30 +80,6 @@ class Outcome:
     metrics: dict  # reports/evaluate/metrics.json
     seconds: dict[str, float]  # per stage
     load_average: float  # 1-minute load average when the run started
-
-
-def copy_repo(target: Path) -> Path:
-    """The repository's files as git sees them (tracked, and untracked but not ignored), as a
-    fresh git repository: the working tree is measured, committed or not."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split("\0")
-    for name in filter(None, listed):
-        if (REPO / name).is_file():  # a tracked file deleted in the working tree is skipped
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, target / name)
-    for command in (["git", "init", "-q"], ["git", "add", "-A"]):
-        subprocess.run(command, cwd=target, check=True)
-    subprocess.run(
-        ["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "copy"],
-        cwd=target,
-        check=True,
-    )
-    return target
 
 
 def set_params(repo: Path, source: str, recipe: str | None) -> None:

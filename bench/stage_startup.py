@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -29,8 +28,8 @@ import time
 from pathlib import Path
 
 import yaml
+from repo_copy import copy_repo
 
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 STAGES = ("prepare", "augment", "train", "transfer", "evaluate", "record")
 IMPORT_PROBE = "import gc; from cnnpipe import cli; cli.import_stage('{stage}'); gc.freeze()"
@@ -39,24 +38,6 @@ TARGETS = {
     "a stage with nothing to fit": 5.0,
     "tiny pipeline, dvc repro": 30.0,
 }
-
-
-def copy_repo(target: Path) -> Path:
-    """The repository's tracked files in a fresh git repository."""
-    files = subprocess.run(
-        ["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout.split("\0")
-    for name in filter(None, files):
-        (target / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, target / name)
-    for command in (["git", "init", "-q"], ["git", "add", "-A"]):
-        subprocess.run(command, cwd=target, check=True)
-    subprocess.run(
-        ["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "copy"],
-        cwd=target,
-        check=True,
-    )
-    return target
 
 
 def environment(repo: Path) -> dict[str, str]:

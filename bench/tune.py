@@ -21,7 +21,6 @@ import argparse
 import os
 import platform
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,10 +29,10 @@ from pathlib import Path
 
 import optuna
 import yaml
+from repo_copy import REPO, commit, copy_repo
 
 from cnnpipe.params import preset
 
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SPACE = {
     "train.lr": {"low": 1e-5, "high": 0.1, "log": True},
@@ -43,15 +42,9 @@ ARMS = {"tpe + median pruning": ("tpe", "median"), "random, no pruning": ("rando
 
 
 def scratch_repo(folder: Path, epochs: int, tiny: bool) -> Path:
-    """The repository's tracked files on digits (with the tiny preset, or params.yaml's own
-    recipe), reproduced and committed."""
-    repo = folder / "repo"
-    files = subprocess.run(
-        ["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True, text=True
-    ).stdout.split("\0")
-    for name in filter(None, files):
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, repo / name)
+    """The repository on digits (with the tiny preset, or params.yaml's own recipe),
+    reproduced and committed."""
+    repo = copy_repo(folder / "repo")
     params = yaml.safe_load((repo / "params.yaml").read_text())
     changes = preset("tiny", REPO / "presets") if tiny else {}
     for key, value in (changes | {"train.epochs": epochs}).items():
@@ -60,13 +53,8 @@ def scratch_repo(folder: Path, epochs: int, tiny: bool) -> Path:
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     env = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    for command in (
-        ["git", "init", "-q", "-b", "main"],
-        ["dvc", "repro", "-q"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "base"],
-    ):
-        subprocess.run(command, cwd=repo, check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(["dvc", "repro", "-q"], cwd=repo, check=True, env=env, stdout=subprocess.DEVNULL)
+    commit(repo, "base")
     return repo
 
 
