@@ -13,6 +13,10 @@ from cnnpipe import engine, networks, privacy, sources, store
 from cnnpipe.errors import UserError
 from cnnpipe.params import PrivacyParams
 
+# DP-SGD's hooks make torch warn at every backward pass; the loop silences that note, and
+# nothing else of ours may warn here.
+pytestmark = pytest.mark.filterwarnings("error::UserWarning")
+
 SIZE = 16
 NORM = engine.Normalisation(*networks.SCRATCH_MEAN_STD)
 CPU = torch.device("cpu")

@@ -14,6 +14,7 @@ path, one rule for the best epoch (`best_epoch`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import os
@@ -326,6 +327,15 @@ class LoopOptions:
     precision: str = "fp32"  # fp32 | bf16 (autocast)
 
 
+@contextlib.contextmanager
+def _quiet_hooks() -> Iterator[None]:
+    """DP-SGD's per-image gradient hooks (Opacus) sit on the first layer too, whose input
+    needs no gradient: torch warns so at every backward pass, and nothing is wrong."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
+        yield
+
+
 def _go_on(record: EpochRecord, images_per_second: float) -> bool:
     return False
 
@@ -437,21 +447,22 @@ class Trainer:
             net, stepper = private.model, private.optimizer
         elif self.runtime.world_size > 1:
             net = DistributedDataParallel(self.model, device_ids=self._device_ids())
-        for epoch in range(len(self.history) + 1, until_epoch + 1):
-            if self.stopped:
-                return
-            started = time.perf_counter()
-            batches = private.batches() if private is not None else None
-            train_loss, train_accuracy, speed = self.train_epoch(
-                net, stepper, scheduler, epoch, batches
-            )
-            record = self._validate(epoch, train_loss, train_accuracy)
-            self._finish_epoch(record, speed, started, may_stop_early)
-            if self.checkpoint and self.runtime.is_main:
-                state = self._state(optimizer, scheduler, phase)
-                if private is not None:
-                    state["private"] = private.state_dict()
-                self.checkpoint.save(state)
+        with _quiet_hooks() if private is not None else contextlib.nullcontext():
+            for epoch in range(len(self.history) + 1, until_epoch + 1):
+                if self.stopped:
+                    return
+                started = time.perf_counter()
+                batches = private.batches() if private is not None else None
+                train_loss, train_accuracy, speed = self.train_epoch(
+                    net, stepper, scheduler, epoch, batches
+                )
+                record = self._validate(epoch, train_loss, train_accuracy)
+                self._finish_epoch(record, speed, started, may_stop_early)
+                if self.checkpoint and self.runtime.is_main:
+                    state = self._state(optimizer, scheduler, phase)
+                    if private is not None:
+                        state["private"] = private.state_dict()
+                    self.checkpoint.save(state)
 
     def _device_ids(self) -> list[int] | None:
         return [self.device.index] if self.device.type == "cuda" else None
@@ -498,11 +509,7 @@ class Trainer:
             logits = net(inputs)
         batch_loss = self.options.objective(logits, trained_on)
         optimizer.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():
-            # DP-SGD's per-image gradient hooks (Opacus) sit on the first layer too, whose
-            # input needs no gradient: torch says so at every step, and nothing is wrong.
-            warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
-            batch_loss.backward()
+        batch_loss.backward()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
