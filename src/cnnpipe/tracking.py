@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import mlflow
 from filelock import FileLock
-from mlflow.entities import Metric, RunStatus
+from mlflow.entities import Metric, Run, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -483,20 +483,23 @@ class StageRun:
 
     def log_test_results(self, stage: str, metrics: dict[str, float], figures: list[Path]) -> None:
         """Add evaluate's test results (metrics, and the figure files under `test/`) to the run
-        of upstream `stage` that trained the model, the first time that model is evaluated.
-        Later evaluations record their own values in their own runs: a run's results, once
-        measured, stay as they were."""
+        of upstream `stage` that trained the model, and the metrics to the model it logged (its
+        page in the UI shows them), the first time that model is evaluated. Later evaluations
+        record their own values in their own runs: a run's results, once measured, stay as
+        they were."""
         run_id = self.upstream.get(stage)
         if run_id is None:
             return
 
         def send() -> None:
             store = MlflowClient()
-            if "test_accuracy" in store.get_run(run_id).data.metrics:
+            run = store.get_run(run_id)
+            if "test_accuracy" in run.data.metrics:
                 return
-            now = int(time.time() * 1000)
+            now, model_id = int(time.time() * 1000), _last_model_id(run)
             store.log_batch(
-                run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()]
+                run_id,
+                metrics=[Metric(k, float(v), now, 0, model_id) for k, v in metrics.items()],
             )
             for figure in figures:
                 store.log_artifact(run_id, str(figure), "test")
@@ -635,12 +638,17 @@ def find_runs(experiment: str, fingerprints: dict[str, str]) -> dict[str, str | 
     return {stage: find_run(experiment, stage, fp) for stage, fp in fingerprints.items()}
 
 
+def _last_model_id(run: Run) -> str | None:
+    outputs = run.outputs
+    return outputs.model_outputs[-1].model_id if outputs and outputs.model_outputs else None
+
+
 def logged_model_id(run_id: str) -> str:
     """The id of the model that `run_id` logged last."""
-    outputs = client().get_run(run_id).outputs
-    if outputs is None or not outputs.model_outputs:
+    model_id = _last_model_id(client().get_run(run_id))
+    if model_id is None:
         raise UserError(f"run {run_id} logged no model: rerun its stage (dvc repro --force)")
-    return outputs.model_outputs[-1].model_id
+    return model_id
 
 
 def pipeline_note(experiment: str, stage_runs: dict[str, str | None], scores: dict) -> str:
