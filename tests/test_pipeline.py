@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -68,6 +69,9 @@ def test_dvc_repro_runs_every_stage_and_logs_each_to_mlflow(digits_repo):
         "epoch,train_loss,train_accuracy,val_loss,val_accuracy,val_balanced_accuracy"
     )
     assert len(history) == 3
+    host = json.loads((repo_copy / "reports" / "train" / "host.json").read_text())
+    assert host["torch"] == torch.__version__  # where the committed bytes come from
+    assert host["cpu_kernels"] == torch.backends.cpu.get_cpu_capability()
 
     runs = runs_by_stage(repo_copy)
     client = MlflowClient(f"sqlite:///{repo_copy / 'mlflow.db'}")
@@ -129,6 +133,10 @@ def test_dvc_repro_runs_every_stage_and_logs_each_to_mlflow(digits_repo):
     data_hash = json.loads((repo_copy / "reports" / "prepare.json").read_text())["data_hash"]
     assert version.tags["data_hash"] == data_hash
     assert version.tags["gate"].startswith("version 1 of `cnnpipe-classifier` is the first")
+    champion = MlflowClient(store_uri).get_logged_model(version.model_id)  # its page's metrics
+    on_its_page = {m.key: m.value for m in champion.metrics}
+    chosen = json.loads((repo_copy / "reports" / "evaluate" / "chosen.json").read_text())
+    assert on_its_page["test_accuracy"] == accuracy[chosen["model"]]
 
 
 SECRET = "s3cr3t-value-that-must-not-be-logged"

@@ -168,11 +168,13 @@ def test_imbalance_turns_on_class_weights_and_balanced_scores(digits):
 
 
 def test_auto_sizes_follow_their_rules():
-    assert rules.working_size([8] * 5) == rules.MIN_SIZE  # digits: as before
+    assert rules.working_size([8] * 5) == rules.MIN_SIZE == 28  # digits: upsampled
+    assert rules.working_size([28] * 5) == 28  # Fashion-MNIST: its own size
     assert rules.working_size([300, 300, 250]) == rules.MAX_SIZE  # photos: capped
     assert rules.working_size([70, 75, 90]) == 72
-    assert rules.transfer_input_size(224, 32, 1167) == 64  # digits: upsampled as before
-    assert rules.transfer_input_size(224, 32, 51_000) == 32  # 51k images: no upsampling
+    assert rules.working_size([30, 31, 33]) == 28  # a multiple of 4
+    assert rules.transfer_input_size(224, 28, 1167) == 56  # digits: twice their size
+    assert rules.transfer_input_size(224, 28, 51_000) == 28  # 51k images: no upsampling
     assert rules.transfer_input_size(224, 128, 2000) == 128
 
 

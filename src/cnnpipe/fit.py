@@ -226,7 +226,7 @@ def run(recipe: Recipe, params: Params, recorder: Recorder) -> None:
             resize=params.data.resize,
             **recipe.meta,
         )
-        publish(fitted, recipe.target, meta, recorder)
+        publish(fitted, recipe.target, meta, runtime.host_record(where.device), recorder)
     runtime.stop_runtime(where)
 
 
@@ -329,13 +329,17 @@ def result_of(trainer: Trainer, job: FitContext, train_images: int, spent, model
     )
 
 
-def publish(fitted: Fitted, target: layout.TrainedModel, meta: store.ModelMeta, recorder) -> None:
-    """Write the best epoch's model folder, the history (a DVC plot) and the metrics, and
-    record them with the model in the stage's MLflow run."""
+def publish(
+    fitted: Fitted, target: layout.TrainedModel, meta: store.ModelMeta, host: dict, recorder
+) -> None:
+    """Write the best epoch's model folder, the history (a DVC plot), the metrics and the host
+    that trained it, and record them with the model in the stage's MLflow run."""
     best = fitted.best
     store.write_model_folder(target.folder, fitted.model.cpu().state_dict(), meta)
     rows = engine.history_rows(fitted.history)
     store.write_csv(target.history, rows)
+    store.write_json_atomic(target.host, host)
+    recorder.log_dict(host, target.host.name)
     best_metrics = {f"best_{k}": v for k, v in vars(best).items()}
     spent = fitted.privacy.model_dump() if fitted.privacy else {}
     pruned = {trial.PRUNED_KEY: fitted.pruned_at} if fitted.pruned_at is not None else {}

@@ -33,7 +33,7 @@ class TrainedModel:
     name: str
     stage: str
     folder: Path  # weights.pt + meta.json
-    reports: Path  # metrics.json + history.csv
+    reports: Path  # metrics.json + history.csv + host.json
 
     @property
     def checkpoint(self) -> Path:
@@ -46,6 +46,11 @@ class TrainedModel:
     @property
     def metrics(self) -> Path:
         return self.reports / "metrics.json"
+
+    @property
+    def host(self) -> Path:
+        """The machine that trained the model (runtime.host_record): where its bytes come from."""
+        return self.reports / "host.json"
 
 
 SCRATCH = TrainedModel("scratch", "train", Path("models/scratch"), Path("reports/train"))
@@ -96,7 +101,7 @@ def _training(model: TrainedModel) -> Stage:
         params=("seed", "data.source", "data.resize", model.stage),
         deps=(PREPARED, AUGMENTED),
         outs=(model.folder,),
-        committed=(model.metrics, model.history),
+        committed=(model.metrics, model.history, model.host),
         persist=(CHECKPOINTS / model.stage,),
         identity=(model.folder,),
         model_param=f"{model.stage}.model",

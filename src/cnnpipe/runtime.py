@@ -8,6 +8,7 @@ import ctypes
 import functools
 import os
 import random
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,14 +100,37 @@ def make_deterministic(seed: int, deterministic: bool, device: torch.device) -> 
 
 
 @functools.cache
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (AMX or AVX-512 BF16)."""
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's entries of /proc/cpuinfo (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as info:
-            flags = next((line for line in info if line.startswith("flags")), "").split()
+            first = info.read().split("\n\n")[0]
     except OSError:
-        return False
+        return {}
+    pairs = (line.split(":", 1) for line in first.splitlines() if ":" in line)
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX or AVX-512 BF16)."""
+    flags = _cpuinfo().get("flags", "").split()
     return any(flag in flags for flag in BF16_CPU_FLAGS)
+
+
+def host_record(device: torch.device) -> dict[str, str]:
+    """What a model's bytes depend on beyond code, data and params: the processor and the
+    kernels torch picks for it. Hosts with the same record train the same bytes; other hosts
+    train models as good, in other bytes (README, "Reproducibility")."""
+    onednn = re.search(r"MKL-DNN (v[\d.]+)", torch.__config__.show())
+    flags = _cpuinfo().get("flags", "").split()
+    return {
+        "cpu": _cpuinfo().get("model name", "unknown"),
+        "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+        "bf16_instructions": " ".join(f for f in BF16_CPU_FLAGS if f in flags) or "none",
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none",
+        "torch": torch.__version__,
+        "onednn": onednn.group(1) if onednn else "none",
+    }
 
 
 def precision(requested: str, device: torch.device, fast_in_bf16_on_cpu: bool) -> str:
