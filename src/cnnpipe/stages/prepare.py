@@ -351,7 +351,8 @@ def working_size(data: DataParams) -> tuple[int, str]:
     size = rules.working_size(sides)
     return size, (
         f"auto: median shorter side {int(np.median(sides)) if sides else 'unknown'} px, "
-        f"rounded down to a multiple of {rules.SIZE_STEP} within {rules.MIN_SIZE}..{rules.MAX_SIZE} px"
+        f"rounded down to a multiple of {rules.SIZE_STEP} "
+        f"within {rules.MIN_SIZE}..{rules.MAX_SIZE} px"
     )
 
 
