@@ -133,7 +133,8 @@ def test_dvc_repro_runs_every_stage_and_logs_each_to_mlflow(digits_repo):
     data_hash = json.loads((repo_copy / "reports" / "prepare.json").read_text())["data_hash"]
     assert version.tags["data_hash"] == data_hash
     assert version.tags["gate"].startswith("version 1 of `cnnpipe-classifier` is the first")
-    champion = MlflowClient(store_uri).get_logged_model(version.model_id)  # its page's metrics
+    model_id = version.source.removeprefix("models:/")  # registered from the logged model
+    champion = MlflowClient(store_uri).get_logged_model(model_id)  # its page's metrics
     on_its_page = {m.key: m.value for m in champion.metrics}
     chosen = json.loads((repo_copy / "reports" / "evaluate" / "chosen.json").read_text())
     assert on_its_page["test_accuracy"] == accuracy[chosen["model"]]
