@@ -2,7 +2,9 @@ import os
 import signal
 import subprocess
 import sys
+from urllib.parse import urljoin
 
+import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -25,6 +27,28 @@ def test_default_uri_is_an_absolute_sqlite_file_at_the_repo_root(tmp_path, monke
     assert tracking.tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert tracking.tracking_uri() == "http://127.0.0.1:5000"
+
+
+def test_report_pictures_are_linked_for_any_port_the_ui_serves_on(mlflow_store, tmp_path):
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "a.png").write_bytes(b"png")
+    (tmp_path / "report.md").write_text("# R\n\n![a](figures/a.png)\n")
+    with tracking.stage_run("evaluate", "linked", {}) as run:
+        run.log_report(tmp_path / "report.md", tmp_path / "figures")
+    logged = mlflow.artifacts.load_text(f"runs:/{run.run_id}/report.md")
+    link = logged.split("](")[1].rstrip(")\n")
+    assert link == tracking.artifact_address(run.run_id, "figures/a.png")
+    for ui in ("http://127.0.0.1:5000/#/experiments/1", "http://0.0.0.0:5057/#/experiments/1"):
+        # as the browser resolves it on the UI's page (MLflow shows only http(s) addresses)
+        host = ui.split("/#")[0]
+        expected = f"{host}/get-artifact?run_uuid={run.run_id}&path=figures%2Fa.png"
+        assert link.startswith("http:") and urljoin(ui, link) == expected
+
+
+def test_artifact_addresses_keep_a_servers_scheme_and_path(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.example.org/team/")
+    link = tracking.artifact_address("r1", "figures/a.png")
+    assert link == "https:/team/get-artifact?run_uuid=r1&path=figures%2Fa.png"
 
 
 def test_stage_run_tags_params_and_is_found_by_fingerprint(mlflow_store, monkeypatch):

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -72,7 +73,6 @@ HTTP_RETRY_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
 QUIET = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-UI_PORT = 5000
 SYSTEM_METRICS_INTERVAL_S = 5
 
 
@@ -220,11 +220,15 @@ def client(experiment: str | None = None) -> MlflowClient:
     return store
 
 
-def ui_address() -> str:
-    """Where the MLflow UI of this store runs: the tracking server itself, or for a local
-    store the address `cnnpipe ui` (and `mlflow ui`) serve by default."""
+def artifact_address(run_id: str, path: str) -> str:
+    """The address of a run's artifact as the MLflow UI serves it, with a scheme and no host
+    (`http:/get-artifact?...`): the browser resolves it against the UI's own host and port,
+    whichever `cnnpipe ui --port` chose, and MLflow 3.17's Markdown viewer, which shows only
+    images whose address starts with http(s), shows it (a relative address stays text)."""
     uri = tracking_uri()
-    return uri.rstrip("/") if is_server(uri) else f"http://127.0.0.1:{UI_PORT}"
+    server = urllib.parse.urlsplit(uri if is_server(uri) else "http://localhost")
+    query = urllib.parse.urlencode({"run_uuid": run_id, "path": path})
+    return f"{server.scheme}:{server.path.rstrip('/')}/get-artifact?{query}"
 
 
 def run_link(experiment_id: str, run_id: str | None = None) -> str:
@@ -419,15 +423,19 @@ class StageRun:
 
     def log_report(self, report: Path, figures: Path) -> None:
         """The report with its pictures, as MLflow's UI can show them: `figures/` beside
-        `report.md`, whose `figures/...` links point at the UI's own artifact address (MLflow
-        3.17's Markdown viewer shows only images with absolute http(s) addresses), and
+        `report.md`, whose `figures/...` links point at the UI's own artifact address
+        (`artifact_address`: any host, any port), and
         `report.html`, the same report with the pictures inlined, which shows them wherever
         the UI runs."""
 
         def send() -> None:
             text = report.read_text()
-            base = f"{ui_address()}/get-artifact?run_uuid={self.run_id}&path="
-            mlflow.log_text(re.sub(r"\]\((figures/[^)]+)\)", rf"]({base}\1)", text), report.name)
+            linked = re.sub(
+                r"\]\((figures/[^)]+)\)",
+                lambda link: f"]({artifact_address(self.run_id, link[1])})",
+                text,
+            )
+            mlflow.log_text(linked, report.name)
             mlflow.log_text(
                 _html_with_pictures(text, report.parent), report.with_suffix(".html").name
             )
