@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pickle
@@ -66,6 +67,9 @@ def test_the_gate_moves_the_champion_only_on_improvement(runs, mlflow_store, tmp
     version = client.get_model_version_by_alias(NAME, "champion")
     assert version.tags["test_accuracy"] == "0.8" and version.tags["data_hash"] == "data-a"
     assert version.description == "score 0.8"
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))
+    listed = json.loads(logged.tags["mlflow.modelVersions"])  # its page: "registered", version 1
+    assert listed == [{"name": NAME, "version": version.version}]
     assert client.get_registered_model(NAME).description.startswith("cnnpipe's image classifier")
 
     again = registry.promote(NAME, candidate(runs[0], 0.8), never_measured)

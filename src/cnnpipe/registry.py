@@ -9,6 +9,7 @@ the whole decision is taken under a lock, so records that finish together take t
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from filelock import FileLock
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 from sqlalchemy.exc import SQLAlchemyError
 
 from cnnpipe import tracking
@@ -103,12 +105,26 @@ def register(registered_model: str, candidate: Candidate) -> ModelVersion:
 
 def _new_version(registered_model: str, candidate: Candidate) -> ModelVersion:
     model_id = tracking.logged_model_id(candidate.run_id)
-    return tracking.client().create_model_version(
+    version = tracking.client().create_model_version(
         registered_model,
         f"models:/{model_id}",
         run_id=candidate.run_id,
         description=candidate.description,
         model_id=model_id,
+    )
+    _list_on_logged_model(model_id, version)
+    return version
+
+
+def _list_on_logged_model(model_id: str, version: ModelVersion) -> None:
+    """Add the version to the logged model's list of its versions, as `mlflow.register_model`
+    does after `create_model_version`: the logged model's page shows it as registered, with
+    its versions, only from that list."""
+    client = tracking.client()
+    listed = client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]")
+    entry = {"name": version.name, "version": version.version}
+    client.set_logged_model_tags(
+        model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*json.loads(listed), entry])}
     )
 
 
