@@ -4,7 +4,7 @@ stages that resolve them and by the tests that check them (README, "Automatic ch
 - Working image size (`data.image_size: auto`): the median of the images' shorter sides,
   rounded down to a multiple of 4 (small_cnn's two 2x2 poolings divide it evenly), at least 28
   and at most 128. 28 px is the MNIST family's own size, kept rather than upsampled (on
-  Fashion-MNIST, 28 px trains 1.3x faster than 32 for a better model: docs/benchmarks.md);
+  Fashion-MNIST, small_cnn trains 1.3x faster at 28 px than at 32: docs/benchmarks.md);
   smaller images are upsampled to it, as the networks have too little left to pool below;
   above 128 px an epoch of a few thousand images no longer takes seconds on a laptop CPU. Pin
   a number to go beyond.

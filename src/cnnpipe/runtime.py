@@ -120,7 +120,7 @@ def cpu_has_fast_bf16() -> bool:
 def host_record(device: torch.device) -> dict[str, str]:
     """What a model's bytes depend on beyond code, data and params: the processor and the
     kernels torch picks for it. Hosts with the same record train the same bytes; other hosts
-    train models as good, in other bytes (README, "Reproducibility")."""
+    train models about as good, in other bytes (docs/training.md, "Reproducible")."""
     onednn = re.search(r"MKL-DNN (v[\d.]+)", torch.__config__.show())
     flags = _cpuinfo().get("flags", "").split()
     return {
