@@ -54,6 +54,10 @@ def test_the_pipeline_logs_its_runs_and_artifacts_to_the_server(server, tracked_
     names = {a.path for a in client.list_artifacts(train.info.run_id)}
     assert "learning_curves.png" in names, names
     assert "test_accuracy" in train.data.metrics  # written back by evaluate
+    version = client.get_model_version_by_alias("cnnpipe-classifier", "champion")
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))
+    listed = json.loads(logged.tags["mlflow.modelVersions"])  # the server lists it, record too
+    assert [str(entry["version"]) for entry in listed] == [str(version.version)]  # once
     model = client.get_run(train.info.run_id).outputs.model_outputs[0].model_id
     stored = client.get_logged_model(model).artifact_location
     local = mlflow.artifacts.download_artifacts(

@@ -117,15 +117,15 @@ def _new_version(registered_model: str, candidate: Candidate) -> ModelVersion:
 
 
 def _list_on_logged_model(model_id: str, version: ModelVersion) -> None:
-    """Add the version to the logged model's list of its versions, as `mlflow.register_model`
-    does after `create_model_version`: the logged model's page shows it as registered, with
-    its versions, only from that list."""
+    """Add the version to the logged model's list of its versions, as a tracking server does
+    when it creates one (a local store's client does not): the logged model's page shows it
+    as registered, with its versions, only from that list."""
     client = tracking.client()
-    listed = client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]")
+    listed = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+    if any((e["name"], str(e["version"])) == (version.name, str(version.version)) for e in listed):
+        return  # a server listed it already
     entry = {"name": version.name, "version": version.version}
-    client.set_logged_model_tags(
-        model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*json.loads(listed), entry])}
-    )
+    client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*listed, entry])})
 
 
 def promote(
