@@ -154,7 +154,13 @@ def test_only_interfaces_and_error_messages_are_left_out_of_code_deps():
     assert not any(changes_no_output(m) for m in others)
 
 
-MLFLOW_MODULES = {"cnnpipe.tracking", "cnnpipe.registry", "cnnpipe.serving", "cnnpipe.record"}
+MLFLOW_MODULES = {
+    "cnnpipe.tracking",
+    "cnnpipe.registry",
+    "cnnpipe.serving",
+    "cnnpipe.record",
+    "cnnpipe.mlflow_ui",
+}
 
 
 @pytest.mark.parametrize("stage", [s for s in layout.STAGES if layout.STAGES[s].recorded])

@@ -1,8 +1,10 @@
-"""`cnnpipe ui`: MLflow's UI on the repository's store, stopped by one Ctrl-C with one line."""
+"""`cnnpipe ui`: MLflow's UI on the repository's store, opening in its Model training view,
+stopped by one Ctrl-C with one line."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -46,7 +48,7 @@ def answers(url: str) -> bool:
         return False
 
 
-def test_ctrl_c_stops_the_ui_and_every_process_it_started(tmp_path):
+def test_the_ui_opens_in_model_training_and_ctrl_c_stops_it_and_all_it_started(tmp_path):
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     port = free_port()
     ui = subprocess.Popen(
@@ -59,16 +61,33 @@ def test_ctrl_c_stops_the_ui_and_every_process_it_started(tmp_path):
         start_new_session=True,  # its own process group, as a shell's foreground job
     )
     try:
-        stop_with_ctrl_c(ui, port, tmp_path)
+        wait_until_it_answers(ui, port)
+        assert_first_visit_defaults(f"http://127.0.0.1:{port}/")
+        stop_with_ctrl_c(ui, tmp_path)
     finally:  # a failed check leaves nothing running
         kill_all(processes_in(tmp_path))
 
 
-def stop_with_ctrl_c(ui: subprocess.Popen, port: int, folder: Path) -> None:
+def wait_until_it_answers(ui: subprocess.Popen, port: int) -> None:
     deadline = time.monotonic() + 120
     while not answers(f"http://127.0.0.1:{port}/"):
         assert ui.poll() is None and time.monotonic() < deadline, ui.communicate()
         time.sleep(0.5)
+
+
+def assert_first_visit_defaults(start_page: str) -> None:
+    """The start page sets Model training (and a closed assistant) in a browser's storage
+    before MLflow's code reads it, even when the browser asks whether its copy is current."""
+    request = urllib.request.Request(start_page, headers={"If-None-Match": '"any"'})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        page = response.read().decode()
+    script = page[page.index("<script>") : page.index("</script>")]
+    assert page.index("<script>") < page.index('src="static-files/static/js/main.')
+    assert f"{json.dumps('mlflow.workflowType_v1')}:{json.dumps('machine_learning')}" in script
+    assert "localStorage.getItem(k)===null" in script  # a user's own choice is kept
+
+
+def stop_with_ctrl_c(ui: subprocess.Popen, folder: Path) -> None:
     assert len(processes_in(folder)) >= 2  # cnnpipe and the server it started
 
     stopped_at = time.monotonic()

@@ -115,6 +115,7 @@ def ui(port: int) -> int:
     print(f"MLflow UI: http://127.0.0.1:{port}/{page}   (Ctrl-C stops it)", flush=True)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--workers", "1"]
     command += ["--port", str(port), "--uvicorn-opts", "--log-level warning"]
+    command += ["--app-name", "cnnpipe"]  # mlflow_ui.py: opens in the Model training view
     # MLflow's job runner (seven worker processes for GenAI jobs) serves nothing of ours and
     # outlives a Ctrl-C of the UI: it stays off. The UI runs in its own session, so a Ctrl-C
     # reaches its server once, forwarded by MLflow (twice, uvicorn stops with a traceback).
