@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 import mlflow
 from filelock import FileLock
 from mlflow.entities import Metric, Run, RunStatus
+from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -617,7 +618,9 @@ def recording(stage: layout.Stage, params: Params) -> Iterator[StageRun]:
         model=layout.param_value(params, stage.model_param) if stage.model_param else None,
         upstream=find_runs(experiment, inputs),
         log_images=params.tracking.log_images,
-        system_metrics=stage.trains,
+        # Off unless asked for: sampled at step 0, they would join the logged model's
+        # metrics (MLflow links a run's step-0 metrics to the model) and lead its page.
+        system_metrics=stage.trains and MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get(),
     ) as run:
         yield run
         run.set_fingerprint(store.fingerprint(*stage.identity))
