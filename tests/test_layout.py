@@ -160,6 +160,7 @@ MLFLOW_MODULES = {
     "cnnpipe.serving",
     "cnnpipe.record",
     "cnnpipe.mlflow_ui",
+    "cnnpipe.model_server",
 }
 
 

@@ -1,4 +1,5 @@
-"""The registered champion: the alias gate, `mlflow models serve`, and `cnnpipe predict`."""
+"""The registered champion: the alias gate, `mlflow models serve`, `cnnpipe serve` and
+`cnnpipe predict`."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import base64
 import io
 import json
 import os
+import signal
 import subprocess
 import time
 import urllib.error
@@ -13,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -126,6 +129,72 @@ def test_served_champion_answers_http_requests(repo_store):
     assert refused.value.code == 400 and error["error_code"] == "INVALID_PARAMETER_VALUE"
     assert "cannot read an image: image 0:" in error["message"], error
     assert "stack_trace" not in error and "Traceback" not in json.dumps(error)
+
+
+def post(port: int, body: bytes, content_type: str) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": content_type}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_cnnpipe_serve_answers_json_and_parquet_and_refuses_the_rest_without_a_trace(repo_store):
+    """The same requests as `mlflow models serve`; a CSV body, which cannot carry images, is
+    refused with what to send, and a body MLflow cannot parse is an error without its stack
+    trace. Ctrl-C stops the server with one line."""
+    repo, _ = repo_store
+    port = free_port()
+    server = subprocess.Popen(
+        [str(BIN / "cnnpipe"), "serve", "--port", str(port)],
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.communicate()
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(0.5)
+        png = (REPO / "samples" / "digit-7.png").read_bytes()
+        split = {
+            "dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(png).decode()]]}
+        }
+        parquet = io.BytesIO()
+        pd.DataFrame({"image": [png, png]}).to_parquet(parquet)
+        answers = [
+            post(port, json.dumps(split).encode(), "application/json"),
+            post(port, parquet.getvalue(), "application/vnd.apache.parquet"),
+        ]
+        refused = [
+            post(port, f"image\n{split['dataframe_split']['data'][0][0]}\n".encode(), "text/csv"),
+            post(port, b"{not json", "application/json"),
+            post(port, b"not parquet", "application/vnd.apache.parquet"),
+        ]
+    finally:
+        os.killpg(server.pid, signal.SIGINT)  # what Ctrl-C sends to the foreground job
+        out, err = server.communicate(timeout=30)
+    assert [status for status, _ in answers] == [200, 200]
+    assert [row["class"] for row in answers[0][1]["predictions"]] == ["7"]
+    assert len(answers[1][1]["predictions"]) == 2
+    assert [status for status, _ in refused] == [415, 400, 400]
+    assert "CSV bodies cannot carry images: send JSON" in refused[0][1]["message"]
+    assert "valid JSON" in refused[1][1]["message"] and "Parquet" in refused[2][1]["message"]
+    assert not any(
+        "stack_trace" in error or "Traceback" in json.dumps(error) for _, error in refused
+    )
+    assert server.returncode == 0 and out.splitlines()[-1] == "model server stopped"
+    assert err.splitlines()[-1] == "model: cnnpipe-classifier version 1 (@champion)", err
 
 
 def test_predict_answers_each_file_and_reports_unreadable_ones(repo_store, tmp_path):

@@ -1,7 +1,8 @@
 """`cnnpipe <stage>` runs one pipeline stage with ./params.yaml; `cnnpipe predict` classifies
-image files with the registered champion or a local model folder; `cnnpipe ui` opens MLflow's
-UI on the pipeline's runs; `cnnpipe preset` prints a preset's overrides; `cnnpipe retrain`
-pulls, runs the pipeline with overrides, pushes and summarises (see retrain.py)."""
+image files with the registered champion or a local model folder; `cnnpipe serve` serves the
+champion over HTTP; `cnnpipe ui` opens MLflow's UI on the pipeline's runs; `cnnpipe preset`
+prints a preset's overrides; `cnnpipe retrain` pulls, runs the pipeline with overrides, pushes
+and summarises (see retrain.py)."""
 
 from __future__ import annotations
 
@@ -83,21 +84,39 @@ def import_stage(stage: layout.Stage) -> ModuleType:
 def predict(paths: list[Path], model_dir: Path | None) -> int:
     """Classify files with a model folder, or with the registered champion (named by
     params.yaml's `tracking.registered_model`)."""
-    from cnnpipe import registry, serving
+    from cnnpipe import serving
 
     if model_dir is not None:
         classifier = serving.ImageClassifier(model_dir)
     else:
-        version = registry.required_champion(load_params().tracking.registered_model)
-        print(
-            f"model: {version.name} version {version.version} (@{registry.CHAMPION})",
-            file=sys.stderr,
-        )
-        classifier = serving.load(registry.version_uri(version))
+        classifier = serving.load(champion_uri())
     answers = serving.predict_files(classifier, paths)
     for path, answer in answers:
         print(f"{path}: {answer}")
     return 1 if any(answer.startswith("error:") for _, answer in answers) else 0
+
+
+def champion_uri() -> str:
+    """The registered champion's model URI (named by params.yaml's
+    `tracking.registered_model`), its version said on stderr."""
+    from cnnpipe import registry
+
+    version = registry.required_champion(load_params().tracking.registered_model)
+    print(
+        f"model: {version.name} version {version.version} (@{registry.CHAMPION})", file=sys.stderr
+    )
+    return registry.version_uri(version)
+
+
+def serve(host: str, port: int) -> int:
+    """The registered champion over HTTP (model_server.py) until Ctrl-C."""
+    from cnnpipe import model_server
+
+    uri = champion_uri()
+    print(f"serving on http://{host}:{port}/invocations   (Ctrl-C stops it)", flush=True)
+    model_server.serve(uri, host, port)
+    print("model server stopped")
+    return 0
 
 
 def ui(port: int) -> int:
@@ -170,6 +189,11 @@ def parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "retrain", add_help=False, help="pull, run with overrides, push, summarise (retrain -h)"
     )
+    serving = commands.add_parser("serve", help="the registered champion over HTTP")
+    serving.add_argument("--port", type=int, default=5001, help="port (default 5001)")
+    serving.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)"
+    )
     showing = commands.add_parser("ui", help="MLflow's UI on this repository's runs")
     showing.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")
     tuning = commands.add_parser(
@@ -221,6 +245,8 @@ def _command(argv: list[str]) -> int:
     try:
         if args.command == "predict":
             return predict(args.paths, args.model)
+        if args.command == "serve":
+            return serve(args.host, args.port)
         if args.command == "ui":
             return ui(args.port)
         if args.command == "tune":
