@@ -22,7 +22,7 @@ HEADLINE = (
 )
 NOT_PRIVATE = "not private"
 COSTS = (
-    ("latency per image (ms), median of 20", "latency_ms", "{:.2f}"),
+    ("latency per image (ms), median of repeated runs", "latency_ms", "{:.2f}"),
     ("1-minute load average while timed", "latency_load_average", "{:.2f}"),
     ("parameters", "parameters", "{:,.0f}"),
     ("weights file (MB)", "file_mb", "{:.2f}"),
