@@ -227,13 +227,13 @@ def report(outcomes: list[Outcome], command: str) -> str:
     )
 
 
-def write_docs(text: str) -> None:
+def write_docs(text: str, start_marker: str = DOCS_START, end_marker: str = DOCS_END) -> None:
     """`text` between the markers in docs/benchmarks.md (the rest of the file is kept)."""
     docs = DOCS.read_text()
-    start, end = docs.find(DOCS_START), docs.find(DOCS_END)
+    start, end = docs.find(start_marker), docs.find(end_marker)
     if start < 0 or end < start:
-        sys.exit(f"{DOCS} has no '{DOCS_START}' ... '{DOCS_END}' markers: add them first")
-    DOCS.write_text(docs[: start + len(DOCS_START)] + "\n" + text + "\n" + docs[end:])
+        sys.exit(f"{DOCS} has no '{start_marker}' ... '{end_marker}' markers: add them first")
+    DOCS.write_text(docs[: start + len(start_marker)] + "\n" + text + "\n" + docs[end:])
 
 
 def main() -> None:
