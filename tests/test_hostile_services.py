@@ -9,6 +9,7 @@ import contextlib
 import http.server
 import io
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -19,8 +20,9 @@ from mlflow.pyfunc.scoring_server import invocations
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from cnnpipe import registry, tracking
+from cnnpipe import cli, registry, tracking
 from cnnpipe.errors import UserError
+from conftest import REPO
 from test_registry import logged_run
 
 
@@ -191,3 +193,24 @@ def test_a_store_that_is_no_database_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
     with pytest.raises(UserError, match="file is not a database"):
         registry.champion("cnnpipe-classifier")
+
+
+@pytest.mark.parametrize("command", ["serve", "ui"])
+def test_a_port_that_is_taken_or_no_port_is_one_line(command, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # nothing is looked up before the port is checked
+    with pytest.raises(SystemExit) as exited:
+        cli.main([command, "--port", "70000"])
+    assert exited.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .endswith("'70000' is not a port: give a number 1-65535")
+    )
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+        assert cli.main([command, "--port", str(port)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"cnnpipe {command}: error: cannot listen on 127.0.0.1:{port} (")
+    assert line.endswith("choose another --port")

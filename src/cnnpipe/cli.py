@@ -12,6 +12,7 @@ import gc
 import importlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -108,10 +109,24 @@ def champion_uri() -> str:
     return registry.version_uri(version)
 
 
+def can_listen(host: str, port: int) -> None:
+    """A one-line `UserError` when `host:port` cannot be listened on (taken, or not an address
+    of this machine), said before a server starts."""
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise UserError(
+            f"cannot listen on {host}:{port} ({reason}): choose another --port"
+        ) from None
+
+
 def serve(host: str, port: int) -> int:
     """The registered champion over HTTP (model_server.py) until Ctrl-C."""
     from cnnpipe import model_server
 
+    can_listen(host, port)
     uri = champion_uri()
     print(f"serving on http://{host}:{port}/invocations   (Ctrl-C stops it)", flush=True)
     model_server.serve(uri, host, port)
@@ -131,6 +146,7 @@ def ui(port: int) -> int:
     if tracking.is_server(uri):
         print(f"MLflow UI: {uri.rstrip('/')}/{page}")
         return 0
+    can_listen("127.0.0.1", port)
     print(f"MLflow UI: http://127.0.0.1:{port}/{page}   (Ctrl-C stops it)", flush=True)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--workers", "1"]
     command += ["--port", str(port), "--uvicorn-opts", "--log-level warning"]
@@ -176,6 +192,13 @@ def yaml_scalar(value: object) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def port_number(text: str) -> int:
+    """A TCP port to listen on, 1-65535 (argparse turns the error into one usage line)."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: give a number 1-65535")
+    return int(text)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="cnnpipe", description=__doc__)
     commands = top.add_subparsers(dest="command", required=True)
@@ -190,12 +213,14 @@ def parser() -> argparse.ArgumentParser:
         "retrain", add_help=False, help="pull, run with overrides, push, summarise (retrain -h)"
     )
     serving = commands.add_parser("serve", help="the registered champion over HTTP")
-    serving.add_argument("--port", type=int, default=5001, help="port (default 5001)")
+    serving.add_argument("--port", type=port_number, default=5001, help="port (default 5001)")
     serving.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)"
     )
     showing = commands.add_parser("ui", help="MLflow's UI on this repository's runs")
-    showing.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")
+    showing.add_argument(
+        "--port", type=port_number, default=5000, help="port on 127.0.0.1 (default 5000)"
+    )
     tuning = commands.add_parser(
         "tune", help="an Optuna search, each trial a DVC experiment (params.yaml: tune)"
     )
