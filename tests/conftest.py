@@ -24,6 +24,9 @@ from filelock import FileLock
 from PIL import Image
 from sklearn.datasets import load_digits
 
+# cnnpipe.serving imports mlflow.pyfunc without MLflow's own import-time warning; imported
+# here, before any test module imports MLflow's scoring server directly.
+import cnnpipe.serving  # noqa: F401
 from cnnpipe.params import preset
 from shell import commit, run
 

@@ -234,7 +234,7 @@ class Checkpoint:
         if not os.path.lexists(self.path):
             return None
         try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            state = store.load_tensors(self.path)
         except Exception as err:  # EOFError, RuntimeError, UnpicklingError, IsADirectoryError...
             reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else ""
             return self._set_aside(f"is not a readable checkpoint ({type(err).__name__} {reason})")

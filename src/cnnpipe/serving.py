@@ -13,6 +13,7 @@ import binascii
 import io
 import platform
 import threading
+import warnings
 from importlib.metadata import version
 from pathlib import Path
 
@@ -30,6 +31,12 @@ from PIL import Image
 from cnnpipe import engine, images, layout, networks, store
 from cnnpipe.errors import UserError
 from cnnpipe.images import UnreadableImage
+
+with warnings.catch_warnings():
+    # MLflow 3.17 warns, when mlflow.pyfunc is first imported, about a type hint in its own
+    # GenAI types: nothing of ours, and it would reach every user of the logged model.
+    warnings.filterwarnings("ignore", ".*Any type hint is inferred as AnyType", UserWarning)
+    import mlflow.pyfunc
 
 PYFUNC_REQUIREMENTS = [
     f"{name}=={version(name)}"

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -375,16 +376,25 @@ def read_model_meta(folder: Path) -> ModelMeta:
         raise UserError(f"{path}: {where}: {first['msg']} (retrain the model)") from None
 
 
+def load_tensors(path: Path):
+    """`torch.load` of a file that may come from anyone: `weights_only=True` (tensors and plain
+    containers, never code), on the CPU, and without torch's warning about a pickle protocol
+    it was not written with (a file of another protocol loads, or is refused, all the same)."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def read_weights(folder: Path) -> dict:
     """`weights.pt` as a state dict, unpickled with `weights_only=True`: a file holding anything
     but tensors is refused in one line, never run."""
     import pickle
 
-    import torch
-
     path = folder / "weights.pt"
     try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        state_dict = load_tensors(path)
     except FileNotFoundError:
         raise UserError(f"{path} not found: {folder} is not a model folder") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
