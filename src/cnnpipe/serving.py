@@ -28,7 +28,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import AnyType, ColSpec, DataType, Schema
 from PIL import Image
 
-from cnnpipe import engine, images, layout, networks, store
+from cnnpipe import engine, images, layout, networks, runtime, store
 from cnnpipe.errors import UserError
 from cnnpipe.images import UnreadableImage
 
@@ -210,7 +210,9 @@ def at_size(pixels: np.ndarray, classifier: ImageClassifier) -> np.ndarray:
 
 def _load_pyfunc(data_path: str) -> ImageClassifier:
     """MLflow's entry point for this model flavour (`loader_module: cnnpipe.serving`): the
-    model is code of this package plus data, never a pickle."""
+    model is code of this package plus data, never a pickle. It runs where MLflow serves the
+    model, so large decoded images are handed back to the kernel once answered."""
+    runtime.return_freed_memory()
     return ImageClassifier(Path(data_path))
 
 
