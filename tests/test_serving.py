@@ -167,6 +167,7 @@ def test_cnnpipe_serve_answers_json_and_parquet_and_refuses_the_rest_without_a_t
                 assert time.monotonic() < deadline, "server did not start"
                 time.sleep(0.5)
         png = (REPO / "samples" / "digit-7.png").read_bytes()
+        not_an_image = base64.b64encode(os.urandom(1_000_000)).decode()  # MLflow quotes it
         split = {
             "dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(png).decode()]]}
         }
@@ -180,6 +181,8 @@ def test_cnnpipe_serve_answers_json_and_parquet_and_refuses_the_rest_without_a_t
             post(port, f"image\n{split['dataframe_split']['data'][0][0]}\n".encode(), "text/csv"),
             post(port, b"{not json", "application/json"),
             post(port, b"not parquet", "application/vnd.apache.parquet"),
+            post(port, b"[" * 100_000 + b"]" * 100_000, "application/json"),
+            post(port, json.dumps({"inputs": [not_an_image]}).encode(), "application/json"),
         ]
     finally:
         os.killpg(server.pid, signal.SIGINT)  # what Ctrl-C sends to the foreground job
@@ -187,14 +190,24 @@ def test_cnnpipe_serve_answers_json_and_parquet_and_refuses_the_rest_without_a_t
     assert [status for status, _ in answers] == [200, 200]
     assert [row["class"] for row in answers[0][1]["predictions"]] == ["7"]
     assert len(answers[1][1]["predictions"]) == 2
-    assert [status for status, _ in refused] == [415, 400, 400]
-    assert "CSV bodies cannot carry images: send JSON" in refused[0][1]["message"]
-    assert "valid JSON" in refused[1][1]["message"] and "Parquet" in refused[2][1]["message"]
+    assert [status for status, _ in refused] == [415, 400, 400, 400, 400]
+    said = [error["message"] for _, error in refused]
+    assert "CSV bodies cannot carry images: send JSON" in said[0]
+    assert "valid JSON" in said[1] and "Parquet" in said[2] and "nested too deeply" in said[3]
+    assert said[4] == (  # MLflow's quote of the whole request (1.3 MB) is dropped
+        "Failed to predict: cannot read an image: image 0: not a readable image "
+        "(unknown or corrupt format)"
+    )
     assert not any(
         "stack_trace" in error or "Traceback" in json.dumps(error) for _, error in refused
     )
     assert server.returncode == 0 and out.splitlines()[-1] == "model server stopped"
-    assert err.splitlines()[-1] == "model: cnnpipe-classifier version 1 (@champion)", err
+    assert "Traceback" not in err
+    assert err.splitlines() == [  # the version that answers, then one line per failure
+        "model: cnnpipe-classifier version 1 (@champion)",
+        "cnnpipe serve: a request failed (RecursionError: maximum recursion depth exceeded "
+        "while decoding a JSON array from a unicode string)",
+    ], err
 
 
 def test_predict_answers_each_file_and_reports_unreadable_ones(repo_store, tmp_path):

@@ -11,8 +11,10 @@
 from __future__ import annotations
 
 import json
+import sys
 
 CSV = "text/csv"
+MAX_MESSAGE = 500  # characters of an error message
 CSV_REFUSED = {
     "error_code": "BAD_REQUEST",
     "message": (
@@ -39,7 +41,8 @@ def serve(model_uri: str, host: str, port: int) -> None:
 
 
 def without_stack_traces(app):
-    """`app` (ASGI), with CSV requests refused and `stack_trace` taken out of JSON errors."""
+    """`app` (ASGI), with CSV requests refused, `stack_trace` taken out of JSON errors, and a
+    request that makes the app fail answered in JSON and logged in one line (not a traceback)."""
 
     async def serving_app(scope, receive, send):
         if scope["type"] != "http":
@@ -47,38 +50,75 @@ def without_stack_traces(app):
         headers = dict(scope["headers"])
         if headers.get(b"content-type", b"").split(b";")[0].strip().decode() == CSV:
             return await answer(send, 415, CSV_REFUSED)
-        await app(scope, receive, errors_cleaned(send))
+        held = HeldErrors(send)
+        try:
+            await app(scope, receive, held)
+        except Exception as err:  # answered already by the app with a bare 500: replaced
+            reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+            print(f"cnnpipe serve: a request failed ({reason})", file=sys.stderr)
+            await held.replace(*failure(err))
+        else:
+            await held.release()
 
     return serving_app
 
 
-def errors_cleaned(send):
-    """`send`, with each JSON error body that has a `stack_trace` sent without it."""
-    start, parts = {}, []
+class HeldErrors:
+    """The `send` of one request: a success passes through; an error response is held until
+    the app is done with the request, then sent without a stack trace, or replaced."""
 
-    async def sending(message):
+    def __init__(self, send):
+        self.send, self.start, self.parts = send, None, []
+
+    async def __call__(self, message) -> None:
         if message["type"] == "http.response.start":
-            start.update(message)
+            self.start = message
             if message["status"] < 400:
-                await send(message)
-            return
-        if start["status"] < 400:
-            return await send(message)
-        parts.append(message.get("body", b""))
-        if not message.get("more_body"):
-            await answer(send, start["status"], without_trace(b"".join(parts)), start)
+                await self.send(message)
+        elif self.start is not None and self.start["status"] < 400:
+            await self.send(message)
+        else:
+            self.parts.append(message.get("body", b""))
 
-    return sending
+    async def release(self) -> None:
+        if self.start is not None and self.start["status"] >= 400:
+            body = cleaned(b"".join(self.parts))
+            await answer(self.send, self.start["status"], body, self.start)
+
+    async def replace(self, status: int, error: dict) -> None:
+        if self.start is None or self.start["status"] >= 400:  # nothing of it sent yet
+            await answer(self.send, status, error)
 
 
-def without_trace(body: bytes) -> dict | bytes:
+def failure(err: Exception) -> tuple[int, dict]:
+    """The answer to a request that made the app fail: the status and the JSON error."""
+    if isinstance(err, RecursionError):
+        message = "the request's JSON is nested too deeply to read: send an image as base64 text"
+        message += " or as an H x W x 3 pixel array"
+        return 400, {"error_code": "BAD_REQUEST", "message": message}
+    reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+    return 500, {"error_code": "INTERNAL_ERROR", "message": f"the request failed ({reason})"}
+
+
+def cleaned(body: bytes) -> dict | bytes:
+    """An error body as it is sent: without a `stack_trace`, and with a message of at most
+    `MAX_MESSAGE` characters. MLflow quotes the whole request in the message of an error raised
+    while predicting ("Failed to predict data '<the request>'. Error: ..."), megabytes for a
+    request of large images; only its reason is kept."""
     try:
         error = json.loads(body)
     except ValueError:
         return body
-    if isinstance(error, dict):
-        error.pop("stack_trace", None)
-    return error
+    if not isinstance(error, dict):
+        return body
+    error.pop("stack_trace", None)
+    message = str(error.get("message", ""))
+    quoted, separator, reason = message.partition("\nError: ")
+    if separator and quoted.startswith("Failed to predict data"):
+        message = f"Failed to predict: {reason}"
+    if len(message) > MAX_MESSAGE:
+        message = message[: MAX_MESSAGE - 1] + "…"
+    return error | {"message": message}
 
 
 async def answer(send, status: int, body: dict | bytes, start: dict | None = None) -> None:
