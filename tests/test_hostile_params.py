@@ -13,6 +13,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cnnpipe import retrain
 from cnnpipe.errors import MAX_MESSAGE, UserError
 from cnnpipe.params import load_params
 from cnnpipe.stages import prepare
@@ -142,3 +143,27 @@ def test_the_class_size_check_ends_for_fractions_that_validate(val, test, sizes)
         for rows in splits.values():
             assert set(labels[rows]) == set(range(len(sizes)))
     assert time.perf_counter() - started < 1
+
+
+@pytest.mark.parametrize(
+    ("override", "said"),
+    [
+        ("train.lr=abc", "the overrides: train.lr = 'abc': Input should be a valid number"),
+        ("train.lrr=0.1", "train.lrr is not a key of params.yaml (check its spelling)"),
+        ("train.epochs=0", "the overrides: train.epochs = 0: Input should be greater than"),
+        ("train.lr", "-S train.lr: write -S section.key=value"),
+    ],
+)
+def test_a_wrong_override_stops_retrain_before_anything_is_written_or_run(
+    tmp_path, monkeypatch, capsys, override, said
+):
+    """`dvc exp run -S` would write it into params.yaml and the stages would fail on it,
+    having removed their outputs first."""
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    assert retrain.main(["-S", override]) == 2
+    out, err = capsys.readouterr()
+    (line,) = err.splitlines()
+    assert out == "" and line.startswith("cnnpipe retrain: error: ") and said in line
+    assert params.read_text() == (REPO / "params.yaml").read_text()

@@ -7,6 +7,7 @@ epoch count), and a key written twice is an error.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
@@ -399,11 +400,52 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
     raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise UserError(f"{path} must be a mapping of sections (seed, data, ...), not {raw!r:.40}")
+    return validate(raw, str(path))
+
+
+def validate(raw: dict, where: str) -> Params:
+    """`raw` (params.yaml parsed) as `Params`, or a one-line `UserError`: `where`, then each
+    problem."""
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
         problems = "; ".join(_describe(e) for e in err.errors())
-        raise UserError(f"{path}: {problems}") from None
+        raise UserError(f"{where}: {problems}") from None
+
+
+def with_overrides_checked(pairs: list[str], path: Path = PARAMS_FILE) -> Params:
+    """The params `dvc exp run -S pairs` would run with, validated before anything is written:
+    a misspelt key or a wrong value is a one-line `UserError` (DVC would write it into
+    params.yaml and the stages would fail on it, one after another)."""
+    load_params(path)  # the file as it is must be valid
+    raw = read_yaml(path)
+    return validate(with_overrides(raw, parse_overrides(pairs)), "the overrides")
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, object]:
+    """`-S key=value` options, values read as YAML (as `dvc exp run -S` reads them)."""
+    found = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"-S {pair}: write -S section.key=value (e.g. -S train.epochs=3)")
+        found[key.strip()] = parse_value(value) if value else None
+    return found
+
+
+def with_overrides(raw: dict, overrides: dict[str, object]) -> dict:
+    """A copy of the parsed params.yaml with `section.key` overrides set; an unknown key is
+    a UserError (dvc would add it, and the stages would refuse it)."""
+    result = json.loads(json.dumps(raw))
+    for key, value in overrides.items():
+        *sections, leaf = key.split(".")
+        table = result
+        for section in sections:
+            table = table.get(section) if isinstance(table, dict) else None
+        if not isinstance(table, dict) or leaf not in table:
+            raise UserError(f"{key} is not a key of params.yaml (check its spelling)")
+        table[leaf] = value
+    return result
 
 
 def preset(name: str, folder: Path = PRESETS) -> dict[str, object]:

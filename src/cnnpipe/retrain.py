@@ -10,7 +10,8 @@
    `$GITHUB_STEP_SUMMARY`, or written to `--summary FILE`, or printed.
 
 The remote given by URL is added to `.dvc/config.local` (never committed), as `ci`.
-MLflow tracking follows `MLFLOW_TRACKING_URI`; an unreachable server stops before step 1.
+Overrides are checked first: a misspelt key or a wrong value stops before step 1, in one line,
+with nothing written; so does an unreachable MLflow server (`MLFLOW_TRACKING_URI`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from cnnpipe import tracking
 from cnnpipe.errors import UserError
 from cnnpipe.layout import REPORT
+from cnnpipe.params import with_overrides_checked
 
 REMOTE_NAME = "ci"
 BASELINES = ("main", "origin/main", "HEAD")
@@ -104,6 +106,7 @@ def write_summary(text: str, target: Path | None) -> None:
 
 
 def run(overrides: list[str], remote_url: str | None, summary_file: Path | None) -> None:
+    with_overrides_checked(overrides)  # before anything is pulled, written or run
     tracking.check_server()
     rev = baseline()
     has_remote = use_remote(remote_url)

@@ -34,7 +34,16 @@ from optuna.trial import FrozenTrial, TrialState
 
 from cnnpipe import layout, trial, tune_mlflow
 from cnnpipe.errors import UserError
-from cnnpipe.params import Params, TuneParams, load_params, parse_value, read_yaml
+from cnnpipe.params import (
+    Params,
+    TuneParams,
+    load_params,
+    parse_overrides,
+    parse_value,
+    read_yaml,
+    validate,
+    with_overrides,
+)
 from cnnpipe.tracking import repo_root
 
 STORAGE_FILE = "tune.db"  # the default storage, at the repository root (git-ignored)
@@ -57,40 +66,6 @@ class Settings:
     params: Params
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, object]:
-    """`-S key=value` options, values read as YAML (as `dvc exp run -S` reads them)."""
-    found = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UserError(f"-S {pair}: write -S section.key=value (e.g. -S train.epochs=3)")
-        found[key.strip()] = parse_value(value) if value else None
-    return found
-
-
-def with_overrides(raw: dict, overrides: dict[str, object]) -> dict:
-    """A copy of the parsed params.yaml with `section.key` overrides set; an unknown key is
-    a UserError (dvc would add it, and the stages would refuse it)."""
-    result = json.loads(json.dumps(raw))
-    for key, value in overrides.items():
-        *sections, leaf = key.split(".")
-        table = result
-        for section in sections:
-            table = table.get(section) if isinstance(table, dict) else None
-        if not isinstance(table, dict) or leaf not in table:
-            raise UserError(f"{key} is not a key of params.yaml (check its spelling)")
-        table[leaf] = value
-    return result
-
-
-def validated(raw: dict, where: str) -> Params:
-    try:
-        return Params.model_validate(raw)
-    except Exception as err:  # pydantic's ValidationError: one line for the user
-        first = str(err).splitlines()
-        raise UserError(f"{where}: {' '.join(first[1:3]).strip()}") from None
-
-
 def settings(
     pairs: list[str], trials: int | None, jobs: int | None, storage: str | None, study: str | None
 ) -> Settings:
@@ -103,7 +78,7 @@ def settings(
     trial_keys = {k: v for k, v in overrides.items() if k not in tune_keys}
     options = {"trials": trials, "jobs": jobs, "storage": storage, "study": study}
     tune_keys |= {f"tune.{k}": v for k, v in options.items() if v is not None}
-    params = validated(with_overrides(raw, trial_keys | tune_keys), "the overrides")
+    params = validate(with_overrides(raw, trial_keys | tune_keys), "the overrides")
     for key in params.tune.space:
         with_overrides(raw, {key: None})  # every searched key exists
     url = params.tune.storage
@@ -470,7 +445,7 @@ def show_best(pairs: list[str], storage=None, study_name=None, apply: bool = Fal
         text = layout.PARAMS_FILE.read_text()
         for key, value in best.params.items():
             text = set_in_place(text, key, value)
-        validated(parse_value(text), f"{layout.PARAMS_FILE} as applied")
+        validate(parse_value(text), f"{layout.PARAMS_FILE} as applied")
         layout.PARAMS_FILE.write_text(text)
         print(f"wrote trial {best.number}'s params into {layout.PARAMS_FILE}")
     return 0
