@@ -90,7 +90,13 @@ def write_augmented(
     chunks = [slice(start, start + per_chunk) for start in range(0, len(images), per_chunk)]
     with (
         store.SplitWriter(folder / "train", images.shape[1:]) as writer,
-        tqdm(total=len(images) * copies, desc="augment", unit="img", mininterval=2) as bar,
+        tqdm(
+            total=len(images) * copies,
+            desc="augment",
+            unit="img",
+            mininterval=2,
+            disable=copies == 0,  # nothing to draw (on-the-fly augmentation)
+        ) as bar,
     ):
         for rows in chunks:
             writer.append(np.asarray(images[rows]), labels[rows])
