@@ -43,6 +43,19 @@ def _test_split(repo: Path):
     return np.asarray(test.images), test.labels, store.read_classes(repo / "data" / "prepared")
 
 
+def wait_until_serving(server: subprocess.Popen, port: int) -> None:
+    """Return once the model server answers /ping; one that exits or takes 120 s fails."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+            return
+        except OSError:
+            assert server.poll() is None, server.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.5)
+
+
 def test_the_first_record_made_the_chosen_model_champion(repo_store):
     repo, client = repo_store
     champion = client.get_model_version_by_alias(MODEL, "champion")
@@ -81,15 +94,7 @@ def test_served_champion_answers_http_requests(repo_store):
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read().decode()[-2000:]
-                assert time.monotonic() < deadline, "server did not start"
-                time.sleep(0.5)
+        wait_until_serving(server, port)
         shown = np.arange(0, len(labels), 12)
         cells = []  # base64 PNG files of another size, and raw H x W x 3 pixel arrays
         for i in shown:
@@ -157,15 +162,7 @@ def test_cnnpipe_serve_answers_json_and_parquet_and_refuses_the_rest_without_a_t
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, server.communicate()
-                assert time.monotonic() < deadline, "server did not start"
-                time.sleep(0.5)
+        wait_until_serving(server, port)
         png = (REPO / "samples" / "digit-7.png").read_bytes()
         not_an_image = base64.b64encode(os.urandom(1_000_000)).decode()  # MLflow quotes it
         split = {
