@@ -187,12 +187,20 @@ def test_bad_requests_are_a_4xx_json_error_without_a_stack_trace(served, body, s
     assert "stack_trace" not in answer
 
 
-def test_a_store_that_is_no_database_is_one_line(tmp_path, monkeypatch):
+def test_a_store_that_is_no_database_is_one_line(tmp_path, monkeypatch, capsys):
+    """For the registry and for every command that opens the store: a stage, the UI."""
     store = tmp_path / "mlflow.db"
     store.write_bytes(bytes(range(256)) * 20)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
     with pytest.raises(UserError, match="file is not a database"):
         registry.champion("cnnpipe-classifier")
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    for command in (["prepare"], ["ui", "--port", "5999"]):
+        assert cli.main(command) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"cnnpipe {command[0]}: error: the MLflow store sqlite:///")
+        assert "file is not a database" in line and "move it aside" in line
 
 
 @pytest.mark.parametrize("command", ["serve", "ui"])

@@ -39,6 +39,7 @@ from mlflow.entities import Metric, Run, RunStatus
 from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from sqlalchemy.exc import SQLAlchemyError
 
 from cnnpipe import layout, store
 from cnnpipe.errors import UserError
@@ -211,13 +212,22 @@ def client(experiment: str | None = None) -> MlflowClient:
     _quiet_mlflow()
     mlflow.set_tracking_uri(uri)
     with _one_process_at_a_time(uri):
-        store = MlflowClient(uri)  # with SQLite, this creates the tables
-        if experiment and store.get_experiment_by_name(experiment) is None:
-            store.create_experiment(
-                experiment,
-                _artifact_location(uri, experiment),
-                tags=EXPERIMENT_KIND | {"mlflow.note.content": EXPERIMENT_NOTE},
-            )
+        try:
+            store = MlflowClient(uri)  # with SQLite, this creates the tables
+            if experiment and store.get_experiment_by_name(experiment) is None:
+                store.create_experiment(
+                    experiment,
+                    _artifact_location(uri, experiment),
+                    tags=EXPERIMENT_KIND | {"mlflow.note.content": EXPERIMENT_NOTE},
+                )
+        except (MlflowException, SQLAlchemyError, OSError) as err:
+            if is_server(uri):  # a server's failures are told by the stage runner
+                raise
+            reason = getattr(err, "message", None) or str(err) or type(err).__name__
+            raise UserError(
+                f"the MLflow store {uri} cannot be used ({reason.strip().splitlines()[0]}): "
+                "move it aside to start a new one, or set MLFLOW_TRACKING_URI to another"
+            ) from None
     return store
 
 
