@@ -222,3 +222,27 @@ def test_a_port_that_is_taken_or_no_port_is_one_line(command, capsys, monkeypatc
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"cnnpipe {command}: error: cannot listen on 127.0.0.1:{port} (")
     assert line.endswith("choose another --port")
+
+
+@pytest.mark.parametrize(
+    ("uri", "said"),
+    [
+        ("postgresql+psycopg://u@127.0.0.1:{port}/db", "Connection refused"),
+        ("sqlite:///{folder}", "is not a file"),
+    ],
+    ids=["no database server", "a folder"],
+)
+def test_a_database_store_that_cannot_be_opened_is_one_line_at_once(tmp_path, uri, said):
+    """MLflow would try ten times over about 100 s, warning at each try."""
+    with socket.socket() as closed:  # a free port with nothing listening
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    uri = uri.format(port=port, folder=tmp_path)
+    started = time.monotonic()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        with pytest.raises(UserError) as error:
+            tracking.client()
+    assert time.monotonic() - started < 15
+    message = str(error.value)
+    assert message.startswith(f"the MLflow store {uri} cannot be opened (") and said in message

@@ -24,3 +24,10 @@ def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
         return flat
     cut = limit - 40
     return f"{flat[:cut]}… ({len(flat) - cut:,} more characters)"
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of what `err` says (a library's message can run to a traceback's
+    length), or its type's name when it says nothing."""
+    text = str(getattr(err, "message", None) or err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

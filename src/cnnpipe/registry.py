@@ -21,7 +21,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 from sqlalchemy.exc import SQLAlchemyError
 
 from cnnpipe import tracking
-from cnnpipe.errors import UserError
+from cnnpipe.errors import UserError, first_line
 
 GATE_TAG = "gate"  # on every version: how the champion gate decided about it
 CHAMPION = "champion"
@@ -66,7 +66,7 @@ def champion(registered_model: str) -> ModelVersion | None:
             return None
         reason = err.message
     except (OSError, SQLAlchemyError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
     raise UserError(
         f"the model registry in {tracking.tracking_uri()} failed while looking up the "
         f"champion of '{registered_model}': {reason}"

@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from cnnpipe.errors import UserError
+from cnnpipe.errors import UserError, first_line
 from cnnpipe.models import MODELS
 
 SPLITS = ("train", "val", "test")
@@ -398,8 +398,8 @@ def read_weights(folder: Path) -> dict:
     except FileNotFoundError:
         raise UserError(f"{path} not found: {folder} is not a model folder") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path} was refused: not a plain state dict ({reason[:200]})") from None
+        reason = first_line(err)[:200]
+        raise UserError(f"{path} was refused: not a plain state dict ({reason})") from None
     if not isinstance(state_dict, dict):
         raise UserError(f"{path} holds a {type(state_dict).__name__}, not a state dict")
     return state_dict

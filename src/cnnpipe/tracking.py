@@ -42,7 +42,7 @@ from mlflow.tracking import MlflowClient
 from sqlalchemy.exc import SQLAlchemyError
 
 from cnnpipe import layout, store
-from cnnpipe.errors import UserError
+from cnnpipe.errors import UserError, first_line
 
 if TYPE_CHECKING:
     import numpy as np
@@ -76,6 +76,7 @@ HTTP_RETRY_DEFAULTS = {
 }
 QUIET = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 SYSTEM_METRICS_INTERVAL_S = 5
+DATABASE_TIMEOUT_S = 5  # to connect to a database store
 
 
 def repo_root(start: Path | None = None) -> Path:
@@ -150,7 +151,36 @@ def check_server() -> str:
                 f"MLflow tracking server {uri} is unreachable ({reason}): start it, "
                 "or unset MLFLOW_TRACKING_URI to use the local mlflow.db"
             )
+    elif reason := database_unreachable(uri):
+        raise UserError(
+            f"the MLflow store {uri} cannot be opened ({reason}): start or fix the database, "
+            "or unset MLFLOW_TRACKING_URI to use the local mlflow.db"
+        )
     return uri
+
+
+def database_unreachable(uri: str) -> str | None:
+    """Why the database store at `uri` cannot be opened, found in one try within
+    `DATABASE_TIMEOUT_S` (MLflow would try ten times over about 100 s, warning each time), or
+    None. An SQLite file is only checked to be a file where it exists: MLflow creates it."""
+    import sqlalchemy
+
+    if uri.startswith("sqlite:"):
+        path = Path(uri.removeprefix("sqlite:///").split("?")[0])
+        return f"{path} is not a file" if path.exists() and not path.is_file() else None
+    dialect = uri.partition(":")[0].partition("+")[0]
+    timeout = {"connect_timeout": DATABASE_TIMEOUT_S} if dialect in ("postgresql", "mysql") else {}
+    try:  # the driver's errors (a missing driver included) and SQLAlchemy's: one line
+        engine = sqlalchemy.create_engine(uri, connect_args=timeout)
+    except Exception as err:
+        return first_line(err)
+    try:
+        with engine.connect():
+            return None
+    except Exception as err:
+        return first_line(err)
+    finally:
+        engine.dispose()
 
 
 def lost_server_error() -> UserError | None:
@@ -223,9 +253,8 @@ def client(experiment: str | None = None) -> MlflowClient:
         except (MlflowException, SQLAlchemyError, OSError) as err:
             if is_server(uri):  # a server's failures are told by the stage runner
                 raise
-            reason = getattr(err, "message", None) or str(err) or type(err).__name__
             raise UserError(
-                f"the MLflow store {uri} cannot be used ({reason.strip().splitlines()[0]}): "
+                f"the MLflow store {uri} cannot be used ({first_line(err)}): "
                 "move it aside to start a new one, or set MLFLOW_TRACKING_URI to another"
             ) from None
     return store
