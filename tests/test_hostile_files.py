@@ -154,3 +154,15 @@ def test_every_user_error_is_one_capped_line():
     message = str(UserError("bad value:\n" + "x" * 100_000 + "\r\nend"))
     assert "\n" not in message and "\r" not in message and len(message) <= MAX_MESSAGE
     assert message.endswith("more characters)")
+
+
+def test_a_folder_whose_entries_vanish_as_it_is_read_is_one_line(tmp_path):
+    """/proc/self/fd lists the descriptor that reads it, closed by the time it is looked at;
+    a file deleted while prepare lists a shared folder is the same case. And a file given as
+    the data folder is said to be one."""
+    listing = list_folder(Path("/proc/self"))
+    gone = [skip for skip in listing.skipped if skip.kind == "cannot_open"]
+    assert any("/proc/self/fd/" in skip.path for skip in gone), listing.skipped
+    (tmp_path / "photo.jpg").write_bytes(b"x")
+    with pytest.raises(UserError, match="photo.jpg is not a folder"):
+        list_folder(tmp_path / "photo.jpg")

@@ -172,7 +172,8 @@ def list_folder(root: Path) -> FolderListing:
     """The files of `root/<class>/**`: hidden files and folders (".*") left out, links
     followed only where they cannot relabel an image (see `_files_under`)."""
     if not root.is_dir():
-        raise UserError(f"data folder {root} does not exist: point data.source at folder:<path>")
+        state = "is not a folder" if root.exists() else "does not exist"
+        raise UserError(f"data folder {root} {state}: point data.source at folder:<path>")
     skipped: list[BadImage] = []
     class_dirs = _class_folders(root, skipped)
     _require_distinct_names([folder.name for folder in class_dirs], root)
@@ -289,26 +290,29 @@ def _files_under(folder: Path, home: str, tree: DataTree, skipped: list[BadImage
             except OSError as err:  # a link loop (ELOOP)
                 skipped.append(_skip(path, "link_loop", f"cannot follow link: {err.strerror}"))
                 continue
-            problem = (
-                entry.is_symlink()
-                and (is_folder or is_file)
-                and tree.problem(os.path.realpath(path), home, is_folder)
-            )
-            if problem:
-                skipped.append(_skip(path, *problem))
-            elif is_folder:
-                if _identity(path) in enclosing:
-                    reason = "link to a folder that contains it (a loop): not followed"
-                    skipped.append(_skip(path, "link_loop", reason))
+            try:
+                problem = (
+                    entry.is_symlink()
+                    and (is_folder or is_file)
+                    and tree.problem(os.path.realpath(path), home, is_folder)
+                )
+                if problem:
+                    skipped.append(_skip(path, *problem))
+                elif is_folder:
+                    if _identity(path) in enclosing:
+                        reason = "link to a folder that contains it (a loop): not followed"
+                        skipped.append(_skip(path, "link_loop", reason))
+                    else:
+                        pending.append((path, enclosing | {_identity(path)}))
+                elif is_file:
+                    files.append(path)
+                elif entry.is_symlink() and not path.exists():
+                    target = images.safe_name(os.readlink(path))
+                    skipped.append(_skip(path, "broken_link", f"broken link to {target}"))
                 else:
-                    pending.append((path, enclosing | {_identity(path)}))
-            elif is_file:
-                files.append(path)
-            elif entry.is_symlink() and not path.exists():
-                target = images.safe_name(os.readlink(path))
-                skipped.append(_skip(path, "broken_link", f"broken link to {target}"))
-            else:
-                skipped.append(_skip(path, "not_a_file", "not a regular file"))
+                    skipped.append(_skip(path, "not_a_file", "not a regular file"))
+            except OSError as err:  # gone since it was listed (deleted meanwhile, or in /proc)
+                skipped.append(_skip(path, "cannot_open", f"cannot read: {err.strerror or err}"))
     return sorted(files)
 
 
