@@ -48,7 +48,15 @@ def answers(url: str) -> bool:
         return False
 
 
-def test_the_ui_opens_in_model_training_and_ctrl_c_stops_it_and_all_it_started(tmp_path):
+STOPS = {  # how a UI is stopped: a signal, and whether it goes to the job or to cnnpipe alone
+    "Ctrl-C": (signal.SIGINT, True),  # a terminal sends it to the foreground job
+    "kill": (signal.SIGTERM, False),
+    "closed terminal": (signal.SIGHUP, False),
+}
+
+
+@pytest.mark.parametrize("stop", list(STOPS))
+def test_the_ui_opens_in_model_training_and_stopping_it_stops_all_it_started(tmp_path, stop):
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     port = free_port()
     ui = subprocess.Popen(
@@ -63,7 +71,7 @@ def test_the_ui_opens_in_model_training_and_ctrl_c_stops_it_and_all_it_started(t
     try:
         wait_until_it_answers(ui, port)
         assert_first_visit_defaults(f"http://127.0.0.1:{port}/")
-        stop_with_ctrl_c(ui, tmp_path)
+        stop_by(ui, tmp_path, *STOPS[stop])
     finally:  # a failed check leaves nothing running
         kill_all(processes_in(tmp_path))
 
@@ -87,15 +95,18 @@ def assert_first_visit_defaults(start_page: str) -> None:
     assert "localStorage.getItem(k)===null" in script  # a user's own choice is kept
 
 
-def stop_with_ctrl_c(ui: subprocess.Popen, folder: Path) -> None:
+def stop_by(ui: subprocess.Popen, folder: Path, signum: int, to_the_job: bool) -> None:
     assert len(processes_in(folder)) >= 2  # cnnpipe and the server it started
 
     stopped_at = time.monotonic()
-    os.killpg(ui.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends to the foreground job
+    if to_the_job:
+        os.killpg(ui.pid, signum)
+    else:
+        ui.send_signal(signum)
     out, err = ui.communicate(timeout=10)
     while processes_in(folder) and time.monotonic() < stopped_at + 5:
         time.sleep(0.1)
-    assert not processes_in(folder), f"outlived Ctrl-C by 5 s: {processes_in(folder)}"
+    assert not processes_in(folder), f"outlived {signum!r} by 5 s: {processes_in(folder)}"
     assert ui.returncode == 0
     assert out.splitlines()[-1] == "MLflow UI stopped"
     assert "Traceback" not in err and "huey" not in err, err

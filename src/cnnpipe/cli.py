@@ -156,8 +156,12 @@ def ui(port: int) -> int:
     # reaches its server once, forwarded by MLflow (twice, uvicorn stops with a traceback).
     env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     # A process started with SIGINT ignored (a script's background job, a test runner's
-    # worker) keeps ignoring it: this command answers it whoever started it.
+    # worker) keeps ignoring it: this command answers it whoever started it. `kill` and a
+    # closed terminal (SIGTERM, SIGHUP) stop it the same way: the server, in its own session,
+    # would outlive this process otherwise.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    for stop_signal in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop_signal, signal.default_int_handler)
     server = subprocess.Popen(command, env=env, start_new_session=True)
     try:
         return server.wait()

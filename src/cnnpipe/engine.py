@@ -549,9 +549,10 @@ class Trainer:
         if self.on_epoch(record, images_per_second):
             self.stopped, self.pruned_at = f"pruned after epoch {record.epoch}", record.epoch
         elif may_stop and 0 < self.options.patience <= record.epoch - self.best.epoch:
+            epochs = f"{self.options.patience} epoch" + ("s" if self.options.patience > 1 else "")
             self.stopped = (
                 f"stopped early after epoch {record.epoch}: no better val "
-                f"{self.options.score} for {self.options.patience} epochs"
+                f"{self.options.score} for {epochs}"
             )
         if self.stopped and self.runtime.is_main:
             print(self.stopped, file=sys.stderr)
