@@ -4,6 +4,7 @@ bound."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -167,3 +168,18 @@ def test_a_wrong_override_stops_retrain_before_anything_is_written_or_run(
     (line,) = err.splitlines()
     assert out == "" and line.startswith("cnnpipe retrain: error: ") and said in line
     assert params.read_text() == (REPO / "params.yaml").read_text()
+
+
+@pytest.mark.parametrize("kind", ["pipe", "device", "huge"])
+def test_a_params_file_that_is_no_file_or_far_too_big_is_one_line(tmp_path, kind):
+    """A pipe would block the read and /dev/zero would never end it."""
+    path = tmp_path / "params.yaml"
+    if kind == "pipe":
+        os.mkfifo(path)
+    elif kind == "device":
+        path.symlink_to("/dev/zero")
+    else:
+        path.write_text("seed: 1\n" + "#" * 2_000_000)
+    said = "is over 1,048,576 bytes" if kind == "huge" else "is not a regular file"
+    with pytest.raises(UserError, match=said):
+        load_params(path)

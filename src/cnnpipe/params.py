@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
@@ -35,6 +36,7 @@ Device = Literal["auto", "cpu", "cuda"]
 MIN_TRAIN_SHARE = 0.1  # of the images, left for training by data.val_fraction and test_fraction
 LEARNING_RATE = Field(ge=1e-8, le=1)
 MAX_DEPTH = 20  # levels of nested values in a params file (params.yaml has 3)
+MAX_PARAMS_BYTES = 1 << 20  # a params file is a few KiB (params.yaml: ~10 KiB)
 
 
 def size_or_auto(low: int, high: int):
@@ -371,15 +373,30 @@ def _describe(error: dict) -> str:
     return f"{key} = {error['input']!r}: {error['msg']}"
 
 
+def _params_bytes(path: Path) -> bytes:
+    mode = path.stat().st_mode
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(path)
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{path} is not a regular file (a pipe, socket or device): give a file")
+    with path.open("rb") as stream:
+        data = stream.read(MAX_PARAMS_BYTES + 1)
+    if len(data) > MAX_PARAMS_BYTES:
+        raise UserError(f"{path} is over {MAX_PARAMS_BYTES:,} bytes: it is no params file")
+    return data
+
+
 def parse_value(text: str) -> object:
     """One value as params.yaml would hold it (`1e-3` a number, as in YAML 1.2)."""
     return yaml.load(text, Loader=_StrictLoader)
 
 
 def read_yaml(path: Path) -> object:
-    """The parsed file, or a one-line `UserError` for a missing, unreadable or invalid one."""
+    """The parsed file, or a one-line `UserError` for a missing, unreadable or invalid one.
+    Only a regular file of at most `MAX_PARAMS_BYTES` is read: a pipe would block the read
+    and a device (/dev/zero) would never end it."""
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = _params_bytes(path).decode("utf-8")
         return yaml.load(text, Loader=_StrictLoader)
     except FileNotFoundError:
         raise UserError(f"{path} not found: run cnnpipe from the repository root") from None
