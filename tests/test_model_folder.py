@@ -66,6 +66,12 @@ def broken(folder: Path, case: str, marker: Path) -> None:
     elif case == "weights that are not a file":
         weights.unlink()
         weights.mkdir()
+    elif case == "meta.json a pipe":  # a read would wait for a writer forever
+        meta.unlink()
+        os.mkfifo(meta)
+    elif case == "weights from /dev/zero":  # a read would never end
+        weights.unlink()
+        weights.symlink_to("/dev/zero")
 
 
 CASES = [
@@ -79,6 +85,8 @@ CASES = [
     ("a pickle that runs code", "weights.pt was refused: not a plain state dict"),
     ("no weights", "weights.pt not found"),
     ("weights that are not a file", "weights.pt was refused"),
+    ("meta.json a pipe", "meta.json is not a regular file (a pipe, socket or device)"),
+    ("weights from /dev/zero", "weights.pt is not a regular file (a pipe, socket or device)"),
 ]
 
 

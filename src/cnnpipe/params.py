@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import stat
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
@@ -28,6 +27,7 @@ from pydantic import (
 from cnnpipe import layout, models
 from cnnpipe.errors import UserError
 from cnnpipe.layout import PARAMS_FILE, PRESETS
+from cnnpipe.store import read_small_file
 
 SOURCE_PATTERN = re.compile(
     r"^(builtin:(digits|faces)|folder:.+|torchvision:(CIFAR10|CIFAR100|MNIST|FashionMNIST|KMNIST))$"
@@ -373,19 +373,6 @@ def _describe(error: dict) -> str:
     return f"{key} = {error['input']!r}: {error['msg']}"
 
 
-def _params_bytes(path: Path) -> bytes:
-    mode = path.stat().st_mode
-    if stat.S_ISDIR(mode):
-        raise IsADirectoryError(path)
-    if not stat.S_ISREG(mode):
-        raise UserError(f"{path} is not a regular file (a pipe, socket or device): give a file")
-    with path.open("rb") as stream:
-        data = stream.read(MAX_PARAMS_BYTES + 1)
-    if len(data) > MAX_PARAMS_BYTES:
-        raise UserError(f"{path} is over {MAX_PARAMS_BYTES:,} bytes: it is no params file")
-    return data
-
-
 def parse_value(text: str) -> object:
     """One value as params.yaml would hold it (`1e-3` a number, as in YAML 1.2)."""
     return yaml.load(text, Loader=_StrictLoader)
@@ -396,7 +383,7 @@ def read_yaml(path: Path) -> object:
     Only a regular file of at most `MAX_PARAMS_BYTES` is read: a pipe would block the read
     and a device (/dev/zero) would never end it."""
     try:
-        text = _params_bytes(path).decode("utf-8")
+        text = read_small_file(path, MAX_PARAMS_BYTES, "params file").decode("utf-8")
         return yaml.load(text, Loader=_StrictLoader)
     except FileNotFoundError:
         raise UserError(f"{path} not found: run cnnpipe from the repository root") from None

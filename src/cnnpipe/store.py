@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from cnnpipe.errors import UserError, first_line
 from cnnpipe.models import MODELS
 
 SPLITS = ("train", "val", "test")
+MAX_META_BYTES = 16 << 20  # a model's meta.json: its classes and settings (a few KiB)
 
 
 @dataclass(frozen=True)
@@ -361,11 +363,33 @@ def write_model_folder(folder: Path, state_dict: dict, meta: ModelMeta) -> None:
         write_json(staging / "meta.json", meta.model_dump(mode="json", exclude_none=True))
 
 
+def require_regular_file(path: Path, what: str) -> os.stat_result:
+    """`path`'s status, when it is a regular file: a pipe or socket would block a read and a
+    device (/dev/zero) would never end one, so they are a one-line `UserError` saying that
+    `path` is no `what`. A missing path or a folder raises as `open` would."""
+    status = path.stat()
+    if stat.S_ISDIR(status.st_mode):
+        raise IsADirectoryError(path)
+    if not stat.S_ISREG(status.st_mode):
+        raise UserError(f"{path} is not a regular file (a pipe, socket or device), so no {what}")
+    return status
+
+
+def read_small_file(path: Path, max_bytes: int, what: str) -> bytes:
+    """The bytes of `path`, a regular file (`require_regular_file`) of at most `max_bytes`."""
+    require_regular_file(path, what)
+    with path.open("rb") as stream:
+        data = stream.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise UserError(f"{path} is over {max_bytes:,} bytes, too large for {what}")
+    return data
+
+
 def read_model_meta(folder: Path) -> ModelMeta:
     """The folder's `meta.json`, or a one-line `UserError` naming the file and the problem."""
     path = folder / "meta.json"
     try:
-        return ModelMeta.model_validate_json(path.read_bytes())
+        return ModelMeta.model_validate_json(read_small_file(path, MAX_META_BYTES, "meta.json"))
     except FileNotFoundError:
         raise UserError(f"{path} not found: {folder} is not a model folder") from None
     except IsADirectoryError:
@@ -382,6 +406,7 @@ def load_tensors(path: Path):
     it was not written with (a file of another protocol loads, or is refused, all the same)."""
     import torch
 
+    require_regular_file(path, "tensor file")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
         return torch.load(path, map_location="cpu", weights_only=True)
