@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from cnnpipe import engine, fit, layout, networks, runtime
+from cnnpipe.errors import UserError
 from cnnpipe.params import load_params
 from cnnpipe.sources import load_source
 from cnnpipe.store import Split
@@ -137,3 +138,30 @@ def test_the_checkpoint_key_follows_every_param_the_stage_reads_and_its_data():
         update={"evaluate": params.evaluate.model_copy(update={"batch_size": 7})}
     )
     assert key(evaluate_only) == same  # train does not read it
+
+
+@pytest.mark.parametrize(
+    ("environment", "processes"),
+    [
+        ({}, 1),
+        ({"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}, 1),  # torchrun, one process
+        ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+          "MASTER_PORT": "29500"}, 2),
+        ({"WORLD_SIZE": "2"}, None),  # left over from another launcher
+        ({"WORLD_SIZE": "2", "RANK": "abc", "LOCAL_RANK": "0", "MASTER_ADDR": "h",
+          "MASTER_PORT": "1"}, None),
+        ({"RANK": "3"}, None),
+    ],
+)  # fmt: skip
+def test_a_process_group_is_read_from_what_torchrun_sets_or_refused_in_one_line(
+    monkeypatch, environment, processes
+):
+    for name in runtime.LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    if processes is None:
+        with pytest.raises(UserError, match="describes no process group torchrun started"):
+            runtime.launched_world_size()
+    else:
+        assert runtime.launched_world_size() == processes

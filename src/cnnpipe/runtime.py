@@ -42,6 +42,8 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # torchrun
+SINGLE_PROCESS = {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}  # unset, or these
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt options, from <malloc.h>
 
 
@@ -83,7 +85,7 @@ def start_runtime(requested_device: str) -> Runtime:
     (one GPU per local rank), gloo on CPU."""
     device = resolve_device(requested_device)
     keep_freed_memory()
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     if world_size == 1:
         return Runtime(device)
     if device.type == "cuda":
@@ -92,6 +94,25 @@ def start_runtime(requested_device: str) -> Runtime:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Runtime(device, dist.get_rank(), world_size)
+
+
+def launched_world_size() -> int:
+    """The number of processes torchrun started (1 without torchrun). torchrun sets all of
+    `LAUNCH_VARIABLES`; some of them alone, or values that are no ranks, are left over from
+    another launcher and would fail deep in torch.distributed: a one-line `UserError`."""
+    given = {name: os.environ.get(name) for name in LAUNCH_VARIABLES}
+    if all(given[name] in (None, "", alone) for name, alone in SINGLE_PROCESS.items()):
+        return 1
+    found = ", ".join(f"{name}={value}" for name, value in given.items() if value is not None)
+    ranks = [given[name] or "" for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK")]
+    if all(rank.isdigit() for rank in ranks) and given["MASTER_ADDR"] and given["MASTER_PORT"]:
+        world_size, rank, local_rank = map(int, ranks)
+        if 0 <= local_rank <= rank < world_size:
+            return world_size
+    raise UserError(
+        f"the environment describes no process group torchrun started ({found}): set "
+        "train.nproc to train on several processes, or unset these variables"
+    )
 
 
 def stop_runtime(runtime: Runtime) -> None:
