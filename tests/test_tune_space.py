@@ -88,6 +88,11 @@ def test_overrides_split_into_the_search_and_every_trial(tmp_path, monkeypatch):
         (["train.epoch=2"], "train.epoch is not a key"),
         (["tune.sampler=annealing"], "the overrides"),
         (["train.epochs"], "write -S section.key=value"),
+        (  # a value a trial could draw that the stages would refuse
+            ['tune.space={"train.epochs": {"low": 1, "high": 100000}}'],
+            r"tune.space.train.epochs = 100000: train.epochs = 100000: Input should be less",
+        ),
+        (['tune.space={"train.batch_size": {"choices": [64, 0]}}'], "batch_size = 0"),
     ]:
         with pytest.raises(UserError, match=says):
             tune.settings(bad, None, None, None, None)

@@ -79,8 +79,10 @@ def settings(
     options = {"trials": trials, "jobs": jobs, "storage": storage, "study": study}
     tune_keys |= {f"tune.{k}": v for k, v in options.items() if v is not None}
     params = validate(with_overrides(raw, trial_keys | tune_keys), "the overrides")
-    for key in params.tune.space:
-        with_overrides(raw, {key: None})  # every searched key exists
+    trial_raw = with_overrides(raw, trial_keys)
+    for key, entry in params.tune.space.items():  # every value a trial may take is valid
+        for value in entry.choices if entry.choices is not None else (entry.low, entry.high):
+            validate(with_overrides(trial_raw, {key: value}), f"tune.space.{key} = {value!r}")
     url = params.tune.storage
     if url == LOCAL_STORAGE:
         url = f"sqlite:///{repo_root() / STORAGE_FILE}"
