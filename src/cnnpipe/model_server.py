@@ -1,11 +1,13 @@
 """`cnnpipe serve`: a registered model over HTTP, as MLflow's scoring server answers for it
-(the same `/invocations` requests and answers as `mlflow models serve`), with two changes:
+(the same `/invocations` requests and answers as `mlflow models serve`), except for errors:
 
-- an error is a JSON message without MLflow's `stack_trace` (which a request that MLflow
-  itself cannot parse, such as malformed JSON, would otherwise carry);
-- a CSV body is refused at once with a message that says what to send: the model's `image`
-  cells are encoded files or pixel arrays, which CSV cannot carry (MLflow's own CSV parser
-  fails on such a column with a stack trace).
+- each is JSON, without MLflow's `stack_trace` (which a request MLflow itself cannot parse,
+  such as malformed JSON, carries) and without its quote of the whole request (megabytes for
+  large images): at most `MAX_MESSAGE` characters;
+- a request that makes the app fail (JSON nested too deeply to read) gets a JSON answer, and
+  the server's log one line instead of a traceback;
+- a CSV body is refused at once with what to send: the model's `image` cells are encoded
+  files or pixel arrays, which CSV cannot carry (MLflow's own parser fails on them).
 """
 
 from __future__ import annotations
@@ -48,14 +50,13 @@ def without_stack_traces(app):
         if scope["type"] != "http":
             return await app(scope, receive, send)
         headers = dict(scope["headers"])
-        if headers.get(b"content-type", b"").split(b";")[0].strip().decode() == CSV:
+        if headers.get(b"content-type", b"").split(b";")[0].strip().lower() == CSV.encode():
             return await answer(send, 415, CSV_REFUSED)
         held = HeldErrors(send)
         try:
             await app(scope, receive, held)
         except Exception as err:  # answered already by the app with a bare 500: replaced
-            reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
-            print(f"cnnpipe serve: a request failed ({reason})", file=sys.stderr)
+            print(f"cnnpipe serve: a request failed ({reason(err)})", file=sys.stderr)
             await held.replace(*failure(err))
         else:
             await held.release()
@@ -96,8 +97,11 @@ def failure(err: Exception) -> tuple[int, dict]:
         message = "the request's JSON is nested too deeply to read: send an image as base64 text"
         message += " or as an H x W x 3 pixel array"
         return 400, {"error_code": "BAD_REQUEST", "message": message}
-    reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
-    return 500, {"error_code": "INTERNAL_ERROR", "message": f"the request failed ({reason})"}
+    return 500, {"error_code": "INTERNAL_ERROR", "message": f"the request failed ({reason(err)})"}
+
+
+def reason(err: Exception) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())[:200]
 
 
 def cleaned(body: bytes) -> dict | bytes:
