@@ -64,10 +64,10 @@ def return_freed_memory() -> None:
     """Let glibc hand every freed block of 1 MiB or more back to the kernel, as a server needs.
 
     glibc raises its mmap threshold each time a large block is freed, after which such blocks
-    come from per-thread heaps that keep them: 20 requests at once, each an image that decodes
-    to 40 megapixels (one decode at a time), took a served model from 0.74 to 1.63 GB, and it
-    stayed at 1.32 GB. With the threshold fixed at 1 MiB the peak was 1.08 GB, that of a single
-    such request, and it went back to 0.77 GB. Process-wide; glibc only.
+    come from per-thread heaps that keep them: a served model answering 20 requests at once for
+    40-megapixel images grew to almost twice the memory, and kept most of it; with the
+    threshold fixed it peaks as for one such request (docs/benchmarks.md, "Serving"; measured
+    with bench/serve_memory.py). Process-wide; glibc only.
     """
     _mallopt(M_MMAP_THRESHOLD, 1 << 20)
 

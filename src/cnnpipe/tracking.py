@@ -166,7 +166,7 @@ def database_unreachable(uri: str) -> str | None:
     import sqlalchemy
 
     if uri.startswith("sqlite:"):
-        path = Path(uri.removeprefix("sqlite:///").split("?")[0])
+        path = sqlite_file(uri)
         return f"{path} is not a file" if path.exists() and not path.is_file() else None
     dialect = uri.partition(":")[0].partition("+")[0]
     timeout = {"connect_timeout": DATABASE_TIMEOUT_S} if dialect in ("postgresql", "mysql") else {}
@@ -181,6 +181,11 @@ def database_unreachable(uri: str) -> str | None:
         return first_line(err)
     finally:
         engine.dispose()
+
+
+def sqlite_file(uri: str) -> Path:
+    """The database file of an SQLite store's URI (`sqlite:////abs/path.db?options`)."""
+    return Path(uri.removeprefix("sqlite:///").split("?")[0])
 
 
 def lost_server_error() -> UserError | None:
@@ -219,7 +224,7 @@ def _one_process_at_a_time(uri: str) -> Iterator[None]:
     if not uri.startswith("sqlite:///"):
         yield
         return
-    database = Path(uri.removeprefix("sqlite:///").split("?")[0])
+    database = sqlite_file(uri)
     database.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{database}.lock"):
         yield
