@@ -165,3 +165,25 @@ def test_a_process_group_is_read_from_what_torchrun_sets_or_refused_in_one_line(
             runtime.launched_world_size()
     else:
         assert runtime.launched_world_size() == processes
+
+
+def test_measuring_what_a_step_keeps_changes_nothing_a_fit_computes_and_scales_with_pixels():
+    """The memory check measures a network with dropout on real digits in train mode: its
+    batch-norm statistics, its mode and the random streams (dropout) are as before, and the
+    bytes kept per image grow with the input size (4x the pixels: over 3x the bytes)."""
+    train, _ = _digits_splits(8)
+    inputs = engine.ImageInputs(train.images, train.labels, NORM, torch.device("cpu"))
+    kept = {}
+    for size in (32, 64):
+        model = networks.build("mobilenet_v3_small", num_classes=10, image_size=12, input_size=size)
+        model.eval()
+        buffers = {name: value.clone() for name, value in model.state_dict().items()}
+        torch.manual_seed(0)
+        kept[size] = engine.kept_bytes_per_image(model, inputs)
+        drawn = torch.rand(3)
+        torch.manual_seed(0)
+        assert torch.equal(drawn, torch.rand(3))
+        assert not model.training
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, buffers[name]), name
+    assert kept[32] > 0 and kept[64] > 3 * kept[32], kept

@@ -16,7 +16,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from cnnpipe import engine, networks, store
-from conftest import FACES, write_params
+from conftest import FACES, TINY, write_params
 
 pytestmark = pytest.mark.e2e
 
@@ -126,3 +126,23 @@ def test_two_cpu_processes_train_one_model_and_log_once(prepared, tmp_path):
     history = client.get_metric_history(train_runs[0].info.run_id, "val_accuracy")
     assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
     assert np.isfinite(train_runs[0].data.metrics["best_val_accuracy"])
+
+
+def test_a_step_too_large_for_memory_is_refused_in_one_line_before_it_starts(tmp_path):
+    """Transfer at 512 px in batches of every train digit (about 1,200) keeps over 400 GiB for
+    its backward pass, more than any machine this suite runs on has: refused in one line before
+    a step is taken (the kernel used to kill it with the word "Killed"), and no model written."""
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    huge = {"transfer.input_size": 512, "transfer.batch_size": 4096, "transfer.frozen_epochs": 0}
+    write_params(folder, TINY | huge)
+    for stage in ("prepare", "augment"):
+        subprocess.run([CNNPIPE, stage], cwd=folder, env=_env(folder), check=True)
+    result = subprocess.run(
+        [CNNPIPE, "transfer"], cwd=folder, env=_env(folder), capture_output=True, text=True
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert "at 512 px needs more than" in line and "lower transfer.batch_size" in line, line
+    assert "transfer.input_size" in line
+    assert not (folder / "models" / "transfer").exists()

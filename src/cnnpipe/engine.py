@@ -211,6 +211,39 @@ def predict_probabilities(
     return networks.probabilities(predict_logits(model, images, norm, device, batch_size)).numpy()
 
 
+def kept_bytes_per_image(model: nn.Module, inputs: Inputs, precision: str = "fp32") -> int:
+    """The bytes a training step of `model` keeps for each image until its backward pass (the
+    tensors autograd saves, weights aside), measured on forward passes of 2 and of 4 images of
+    `inputs` (at least 4). A step of n images needs n times this, and more: a lower bound.
+    The model's mode, batch-norm statistics and the random streams are left as they were."""
+    two, four = (_saved_bytes(model, inputs.batch(np.arange(n)), precision) for n in (2, 4))
+    return max(0, (four - two) // 2)
+
+
+def _saved_bytes(model: nn.Module, batch: torch.Tensor, precision: str) -> int:
+    weights = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    training = model.training
+    rngs = [batch.device] if batch.device.type == "cuda" else []
+    with (
+        torch.random.fork_rng(rngs),
+        torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor),
+        autocast(batch.device, precision),
+    ):
+        model.train()
+        torch.func.functional_call(model, buffers, (batch,), strict=False)
+    model.train(training)
+    return sum(saved.values())
+
+
 @dataclass
 class Checkpoint:
     """The state after the last finished epoch, in one file that is replaced atomically.
@@ -418,6 +451,12 @@ class Trainer:
         batches = -(-per_rank // self._rank_batch_size())
         ends_on_one = batches > 1 and per_rank % self._rank_batch_size() == 1
         return max(1, batches - ends_on_one)
+
+    def images_per_step(self, batch_size: int | None = None) -> int:
+        """The most images a training step of this rank takes, in batches of `batch_size`
+        (default: the loop's) over all ranks."""
+        batch = (batch_size or self.options.batch_size) // self.runtime.world_size
+        return min(max(1, batch), len(self.train) // self.runtime.world_size)
 
     def _rank_batch_size(self) -> int:
         return max(1, self.options.batch_size // self.runtime.world_size)

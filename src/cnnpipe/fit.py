@@ -26,6 +26,7 @@ from torch import nn
 
 from cnnpipe import engine, layout, models, networks, rules, runtime, store, trial
 from cnnpipe.engine import EpochRecord, LoopOptions, Trainer
+from cnnpipe.errors import UserError
 from cnnpipe.params import FitParams, Params, PrivacyParams
 from cnnpipe.recorder import Recorder
 
@@ -70,6 +71,7 @@ class Recipe:
     build: Callable[[int], nn.Module]  # number of classes -> a freshly initialised network
     phases: list[Phase]
     meta: dict = field(default_factory=dict)  # more model-folder facts, e.g. input_size
+    size_param: str = "data.image_size"  # the param that sets the size the network sees
 
     @property
     def privacy(self) -> PrivacyParams | None:
@@ -270,6 +272,7 @@ def fit_network(job: FitContext) -> Fitted:
         if not phase.epochs or (finished and not phase.privacy):
             continue
         optimizer = phase.optimizer(job.model)
+        require_memory(job, trainer, phase)
         if phase.privacy:
             private = _make_private(job.model, optimizer, len(train), phase, job.seed)
         steps = private.steps_per_epoch if private else trainer.steps_per_epoch()
@@ -278,6 +281,35 @@ def fit_network(job: FitContext) -> Fitted:
         trainer.run(optimizer, until, phase.schedule(optimizer, steps), phase.name, private, last)
     spent = store.PrivacySpent(epsilon=private.epsilon(), delta=private.delta) if private else None
     return result_of(trainer, job, len(train), spent)
+
+
+def require_memory(job: FitContext, trainer: Trainer, phase: Phase) -> None:
+    """Refuse in one line a phase whose training step cannot fit in memory, before it starts.
+
+    What a step keeps for its backward pass (`engine.kept_bytes_per_image`, times the batch,
+    plus DP-SGD's per-image gradients) is less than it needs, so a refused step could not
+    have run: on the CPU the kernel would have killed the stage with no message (transfer at
+    512 px in batches of 4,096 did). With fewer than 4 images a step, nothing is measured."""
+    stage, model = job.recipe.target.stage, job.model
+    batch = trainer.images_per_step(phase.privacy.batch_size if phase.privacy else None)
+    available = runtime.available_memory(job.where)
+    if available is None or batch < 4:
+        return
+    per_image = engine.kept_bytes_per_image(model, trainer.train, job.options.precision)
+    if phase.privacy:  # Opacus keeps every image's gradient of every weight that learns
+        learning = [weight for weight in model.parameters() if weight.requires_grad]
+        per_image += sum(weight.numel() * weight.element_size() for weight in learning)
+    if batch * per_image <= available:
+        return
+    size = getattr(model, "input_size", job.data.train.images.shape[1])
+    batch_param = f"{stage}.privacy.batch_size" if phase.privacy else f"{stage}.batch_size"
+    holder = "the GPU" if job.where.device.type == "cuda" else "this machine"
+    raise UserError(
+        f"a training step of {batch:,} images at {size} px needs more than "
+        f"{batch * per_image / 2**30:,.1f} GiB of memory, and {holder} has "
+        f"{available / 2**30:,.1f} GiB free: lower {batch_param} well below "
+        f"{available // per_image:,}, or {job.recipe.size_param}"
+    )
 
 
 def _make_private(model: nn.Module, optimizer, train_size: int, phase: Phase, seed: int):

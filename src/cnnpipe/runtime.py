@@ -10,6 +10,7 @@ import os
 import random
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -118,6 +119,64 @@ def launched_world_size() -> int:
 def stop_runtime(runtime: Runtime) -> None:
     if runtime.world_size > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def available_memory(runtime: Runtime) -> int | None:
+    """Bytes one process of a fit may still allocate on its device, or None where that cannot
+    be read: a GPU's free memory; on the CPU, what the kernel can give without taking memory
+    from other programs (MemAvailable and free swap), within the container's limit if one is
+    set, shared by the fit's processes on this machine."""
+    if runtime.device.type == "cuda":
+        return torch.cuda.mem_get_info(runtime.device)[0]
+    meminfo = _read_numbers(Path("/proc/meminfo"))
+    if "MemAvailable" not in meminfo:
+        return None
+    available = (meminfo["MemAvailable"] + meminfo.get("SwapFree", 0)) * 1024  # kB
+    room = _container_room()
+    if room is not None:
+        available = min(available, room)
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", runtime.world_size))
+    return available // max(1, processes)
+
+
+# A container's memory limit, use and file cache: cgroup v2, then v1. The cache can be
+# reclaimed, so it counts as free, as in MemAvailable.
+CGROUP_MEMORY = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat",
+     "file"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+     "/sys/fs/cgroup/memory/memory.stat", "total_cache"),
+)  # fmt: skip
+
+
+def _container_room() -> int | None:
+    """Memory left under this container's limit, or None: no limit (or none readable)."""
+    for limit_file, usage_file, stat_file, cache_key in CGROUP_MEMORY:
+        try:
+            limit = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if not limit.isdigit() or int(limit) >= 1 << 60:  # "max", or v1's "unlimited"
+            return None
+        cache = _read_numbers(Path(stat_file)).get(cache_key, 0)
+        return max(0, int(limit) - usage + cache)
+    return None
+
+
+def _read_numbers(path: Path) -> dict[str, int]:
+    """`name value` lines (`/proc/meminfo`, a cgroup's memory.stat) as a dict; {} if unreadable."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return {}
+    numbers = {}
+    for line in lines:
+        name, _, rest = line.partition(" ")
+        value = rest.split()[0] if rest.split() else ""
+        if value.isdigit():
+            numbers[name.rstrip(":")] = int(value)
+    return numbers
 
 
 def make_deterministic(seed: int, deterministic: bool, device: torch.device) -> None:

@@ -88,6 +88,7 @@ def run(params: Params, recorder: Recorder) -> None:
             ),
             phases=private_phases(transfer) if transfer.privacy.enabled else phases(transfer),
             meta={"input_size": size},
+            size_param="transfer.input_size",
         ),
         params,
         recorder,
