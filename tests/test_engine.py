@@ -168,9 +168,9 @@ def test_a_process_group_is_read_from_what_torchrun_sets_or_refused_in_one_line(
 
 
 def test_measuring_what_a_step_keeps_changes_nothing_a_fit_computes_and_scales_with_pixels():
-    """The memory check measures a network with dropout on real digits in train mode: its
-    batch-norm statistics, its mode and the random streams (dropout) are as before, and the
-    bytes kept per image grow with the input size (4x the pixels: over 3x the bytes)."""
+    """The memory check runs a training step of a network with dropout on real digits: its
+    batch-norm statistics, mode and gradients and the random streams (dropout) are as before,
+    and the bytes a step takes per image grow with the input size (4x the pixels: over 3x)."""
     train, _ = _digits_splits(8)
     inputs = engine.ImageInputs(train.images, train.labels, NORM, torch.device("cpu"))
     kept = {}
@@ -179,11 +179,12 @@ def test_measuring_what_a_step_keeps_changes_nothing_a_fit_computes_and_scales_w
         model.eval()
         buffers = {name: value.clone() for name, value in model.state_dict().items()}
         torch.manual_seed(0)
-        kept[size] = engine.kept_bytes_per_image(model, inputs)
+        kept[size] = engine.step_bytes_per_image(model, inputs)
         drawn = torch.rand(3)
         torch.manual_seed(0)
         assert torch.equal(drawn, torch.rand(3))
         assert not model.training
+        assert all(weight.grad is None for weight in model.parameters())
         for name, value in model.state_dict().items():
             assert torch.equal(value, buffers[name]), name
     assert kept[32] > 0 and kept[64] > 3 * kept[32], kept

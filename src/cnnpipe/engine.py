@@ -22,6 +22,7 @@ import shutil
 import sys
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from tqdm import tqdm
 
 from cnnpipe import networks, store
@@ -211,37 +214,54 @@ def predict_probabilities(
     return networks.probabilities(predict_logits(model, images, norm, device, batch_size)).numpy()
 
 
-def kept_bytes_per_image(model: nn.Module, inputs: Inputs, precision: str = "fp32") -> int:
-    """The bytes a training step of `model` keeps for each image until its backward pass (the
-    tensors autograd saves, weights aside), measured on forward passes of 2 and of 4 images of
-    `inputs` (at least 4). A step of n images needs n times this, and more: a lower bound.
-    The model's mode, batch-norm statistics and the random streams are left as they were."""
-    two, four = (_saved_bytes(model, inputs.batch(np.arange(n)), precision) for n in (2, 4))
+def step_bytes_per_image(model: nn.Module, inputs: Inputs, precision: str = "fp32") -> int:
+    """The memory a training step of `model` takes for each image of its batch: the peak of the
+    tensors alive during a forward and backward pass, measured on steps of 2 and of 4 images
+    of `inputs` (at least 4) and taken as the difference, so the weights and their gradients
+    drop out. A step of n images needs n times this and the model: a lower bound. The model's
+    mode, gradients, batch-norm statistics and the random streams are left as they were."""
+    two, four = (_step_peak(model, inputs.batch(np.arange(n)), precision) for n in (2, 4))
     return max(0, (four - two) // 2)
 
 
-def _saved_bytes(model: nn.Module, batch: torch.Tensor, precision: str) -> int:
-    weights = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def keep(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
+def _step_peak(model: nn.Module, batch: torch.Tensor, precision: str) -> int:
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
-    training = model.training
+    training, grads = model.training, [(p, p.grad) for p in model.parameters()]
     rngs = [batch.device] if batch.device.type == "cuda" else []
-    with (
-        torch.random.fork_rng(rngs),
-        torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor),
-        autocast(batch.device, precision),
-    ):
+    with torch.random.fork_rng(rngs), _PeakMemory() as memory:
         model.train()
-        torch.func.functional_call(model, buffers, (batch,), strict=False)
+        with autocast(batch.device, precision):
+            logits = torch.func.functional_call(model, buffers, (batch,), strict=False)
+        if logits.requires_grad:  # a stand-in loss: its backward pass is that of any loss
+            logits.float().logsumexp(1).sum().backward()
+        del logits
     model.train(training)
-    return sum(saved.values())
+    for weight, grad in grads:
+        weight.grad = grad
+    return memory.peak
+
+
+class _PeakMemory(TorchDispatchMode):
+    """The peak bytes of the tensors that the operations run under it make and keep alive."""
+
+    def __init__(self):
+        super().__init__()
+        self.alive: dict[int, int] = {}  # a storage's address -> its bytes
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                self._track(tensor.untyped_storage())
+        self.peak = max(self.peak, sum(self.alive.values()))
+        return out
+
+    def _track(self, storage: torch.UntypedStorage) -> None:
+        address = storage.data_ptr()
+        if address and address not in self.alive:  # a view or an in-place result: counted
+            self.alive[address] = storage.nbytes()
+            weakref.finalize(storage, self.alive.pop, address, None)
 
 
 @dataclass

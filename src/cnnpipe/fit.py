@@ -15,10 +15,12 @@ head on the frozen backbone's features of each image's views.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -263,16 +265,15 @@ def fit_network(job: FitContext) -> Fitted:
         augmentation.policy() if augmentation.on_the_fly else None,
     )
     train, phases, private = trainer.train, job.recipe.phases, None
-    until = 0
-    for number, phase in enumerate(phases, 1):
-        until += phase.epochs
-        # A phase the checkpoint has finished needs no optimiser (the first one built imports
-        # torch._dynamo: seconds); a private one is resumed all the same, for the ε it spent.
-        finished = len(trainer.history) >= until or trainer.stopped
-        if not phase.epochs or (finished and not phase.privacy):
+    ends = list(itertools.accumulate(phase.epochs for phase in phases))
+    # A phase the checkpoint has finished needs no optimiser (the first one built imports
+    # torch._dynamo: seconds); a private one is resumed all the same, for the ε it spent.
+    left = [len(trainer.history) < end and not trainer.stopped for end in ends]
+    require_memory(job, trainer, [phase for phase, todo in zip(phases, left, strict=True) if todo])
+    for number, (phase, until, todo) in enumerate(zip(phases, ends, left, strict=True), 1):
+        if not phase.epochs or not (todo or phase.privacy):
             continue
         optimizer = phase.optimizer(job.model)
-        require_memory(job, trainer, phase)
         if phase.privacy:
             private = _make_private(job.model, optimizer, len(train), phase, job.seed)
         steps = private.steps_per_epoch if private else trainer.steps_per_epoch()
@@ -283,32 +284,53 @@ def fit_network(job: FitContext) -> Fitted:
     return result_of(trainer, job, len(train), spent)
 
 
-def require_memory(job: FitContext, trainer: Trainer, phase: Phase) -> None:
-    """Refuse in one line a phase whose training step cannot fit in memory, before it starts.
+def require_memory(job: FitContext, trainer: Trainer, phases: list[Phase]) -> None:
+    """Refuse in one line, before the first of `phases` starts, a fit whose training step in
+    any of them cannot fit in memory (naming the phase that needs most per image).
 
-    What a step keeps for its backward pass (`engine.kept_bytes_per_image`, times the batch,
-    plus DP-SGD's per-image gradients) is less than it needs, so a refused step could not
-    have run: on the CPU the kernel would have killed the stage with no message (transfer at
-    512 px in batches of 4,096 did). With fewer than 4 images a step, nothing is measured."""
-    stage, model = job.recipe.target.stage, job.model
-    batch = trainer.images_per_step(phase.privacy.batch_size if phase.privacy else None)
+    What a step takes per image (`engine.step_bytes_per_image`, with the weights that phase's
+    optimiser trains) times the batch, plus DP-SGD's per-image gradients, is less than the step
+    needs, so a refused step could not have run: on the CPU the kernel would have killed the
+    stage with no message (transfer at 512 px in batches of 4,096 was, in its frozen phase).
+    With fewer than 4 images a step, nothing is measured."""
     available = runtime.available_memory(job.where)
-    if available is None or batch < 4:
+    if available is None:
         return
-    per_image = engine.kept_bytes_per_image(model, trainer.train, job.options.precision)
-    if phase.privacy:  # Opacus keeps every image's gradient of every weight that learns
-        learning = [weight for weight in model.parameters() if weight.requires_grad]
-        per_image += sum(weight.numel() * weight.element_size() for weight in learning)
-    if batch * per_image <= available:
-        return
-    size = getattr(model, "input_size", job.data.train.images.shape[1])
-    batch_param = f"{stage}.privacy.batch_size" if phase.privacy else f"{stage}.batch_size"
+    too_large = []
+    for phase in phases:
+        batch = trainer.images_per_step(phase.privacy.batch_size if phase.privacy else None)
+        if batch < 4 or not phase.epochs:
+            continue
+        phase.optimizer(job.model)  # it decides which weights learn
+        per_image = engine.step_bytes_per_image(job.model, trainer.train, job.options.precision)
+        if phase.privacy:  # Opacus keeps every image's gradient of every weight that learns
+            learning = [weight for weight in job.model.parameters() if weight.requires_grad]
+            per_image += sum(weight.numel() * weight.element_size() for weight in learning)
+        if batch * per_image > available:
+            too_large.append(StepNeed(per_image, batch, phase.name, phase.privacy is not None))
+    if too_large:
+        raise UserError(_too_large(job, max(too_large), available))
+
+
+class StepNeed(NamedTuple):
+    """What a training step of a phase needs; ordered by `per_image`, the largest first."""
+
+    per_image: int  # bytes
+    batch: int  # images
+    phase: str
+    private: bool
+
+
+def _too_large(job: FitContext, need: StepNeed, available: int) -> str:
+    stage = job.recipe.target.stage
+    size = getattr(job.model, "input_size", job.data.train.images.shape[1])
+    batch_param = f"{stage}.privacy.batch_size" if need.private else f"{stage}.batch_size"
     holder = "the GPU" if job.where.device.type == "cuda" else "this machine"
-    raise UserError(
-        f"a training step of {batch:,} images at {size} px needs more than "
-        f"{batch * per_image / 2**30:,.1f} GiB of memory, and {holder} has "
+    return (
+        f"a training step of {need.batch:,} images at {size} px in the {need.phase} phase needs "
+        f"more than {need.batch * need.per_image / 2**30:,.1f} GiB of memory, and {holder} has "
         f"{available / 2**30:,.1f} GiB free: lower {batch_param} well below "
-        f"{available // per_image:,}, or {job.recipe.size_param}"
+        f"{available // need.per_image:,}, or {job.recipe.size_param}"
     )
 
 
