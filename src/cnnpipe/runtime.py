@@ -135,7 +135,8 @@ def available_memory(runtime: Runtime) -> int | None:
     room = _container_room()
     if room is not None:
         available = min(available, room)
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", runtime.world_size))
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")  # torchrun's processes on this machine
+    processes = int(local) if runtime.world_size > 1 and local.isdigit() else runtime.world_size
     return available // max(1, processes)
 
 
