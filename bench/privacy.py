@@ -78,8 +78,12 @@ def measure(folder: Path, target: layout.TrainedModel, seed: int, seconds: float
     norm = engine.Normalisation(meta.mean, meta.std)
     test, train = (store.read_split(folder / layout.PREPARED, s) for s in ("test", "train"))
     predicted = engine.predict_probabilities(model, test.images, norm, CPU).argmax(1)
-    test_losses = audit.per_image_losses(model, test.images, test.labels, norm, CPU)
-    auc = audit.membership_audit(model, train, test_losses, norm, CPU, seed)
+
+    def predict(images):
+        return engine.predict_logits(model, images, norm, CPU)
+
+    test_losses = audit.losses(predict(test.images), test.labels)
+    auc = audit.membership_audit(predict, train, test_losses, seed)
     epsilon = meta.privacy.epsilon if meta.privacy else None
     return Outcome(float((predicted == test.labels).mean()), epsilon, auc, seconds)
 

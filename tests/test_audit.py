@@ -38,19 +38,23 @@ def overfitted(groups) -> torch.nn.Module:
     return model.eval()
 
 
+def predictor(model: torch.nn.Module):
+    return lambda images: engine.predict_logits(model, images, NORM, CPU)
+
+
 def losses(model: torch.nn.Module, split: store.Split) -> np.ndarray:
-    return audit.per_image_losses(model, split.images, split.labels, NORM, CPU)
+    return audit.losses(predictor(model)(split.images), split.labels)
 
 
 def test_the_audit_finds_the_members_of_an_overfitted_model(overfitted, groups):
     others = losses(overfitted, groups["other"])
-    auc = audit.membership_audit(overfitted, groups["seen"], others, NORM, CPU, seed=0)
+    auc = audit.membership_audit(predictor(overfitted), groups["seen"], others, seed=0)
     assert auc > 0.75
 
 
 def test_the_audit_finds_nothing_among_images_the_model_never_saw(overfitted, groups):
     others = losses(overfitted, groups["other"])
-    auc = audit.membership_audit(overfitted, groups["unseen"], others, NORM, CPU, seed=0)
+    auc = audit.membership_audit(predictor(overfitted), groups["unseen"], others, seed=0)
     assert 0.4 < auc < 0.6
 
 
@@ -62,7 +66,7 @@ def test_the_audit_scores_the_balanced_sample_it_draws(overfitted, groups):
     member_losses = losses(overfitted, members)[chosen_members]
     is_member = np.r_[np.ones(20), np.zeros(20)]
     expected = roc_auc_score(is_member, -np.r_[member_losses, nonmember_losses[chosen_nonmembers]])
-    found = audit.membership_audit(overfitted, members, nonmember_losses, NORM, CPU, seed=3)
+    found = audit.membership_audit(predictor(overfitted), members, nonmember_losses, seed=3)
     assert found == pytest.approx(expected)
     assert found < 0.25  # the 20 members are the unseen images: the seen ones look like members
 

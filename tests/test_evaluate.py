@@ -1,10 +1,13 @@
 import numpy as np
 import pytest
+import torch
+from sklearn.datasets import load_digits
 
-from cnnpipe import metrics, report
+from cnnpipe import layout, metrics, networks, report
+from cnnpipe.errors import UserError
 from cnnpipe.report import ModelResult
-from cnnpipe.stages.evaluate import choose
-from cnnpipe.store import PrivacySpent
+from cnnpipe.stages.evaluate import LoadedModel, choose, require_memory
+from cnnpipe.store import ModelMeta, PrivacySpent
 
 
 def test_score_of_a_known_prediction():
@@ -89,3 +92,31 @@ def test_the_report_shows_each_models_epsilon_beside_its_audit_and_tags_carry_it
     assert private.test_metrics()["test_audit_auc"] == 0.512
     assert private.privacy_tags() == {"epsilon": "7.98", "delta": "8.6e-05"}
     assert plain.privacy_tags() == {"epsilon": "not private"}
+
+
+def test_a_batch_too_large_for_memory_is_refused_in_one_line_before_evaluating():
+    """A transfer model at 512 px takes about 70 MiB an image in a forward pass: 20,000 real
+    digits in one batch need over a terabyte, more than any machine this runs on has, and are
+    refused naming evaluate.batch_size; batches of 8 are not."""
+    digits = load_digits()
+    images = np.repeat((digits.images * 255 / 16).astype(np.uint8)[..., None], 3, axis=-1)
+    images = np.resize(images, (20_000, 8, 8, 3))
+    network = networks.build("efficientnet_lite0", num_classes=10, image_size=8, input_size=512)
+    mean_std = networks.normalisation("efficientnet_lite0")
+    meta = ModelMeta(
+        architecture="efficientnet_lite0",
+        classes=[str(digit) for digit in range(10)],
+        image_size=8,
+        input_size=512,
+        mean=mean_std[0],
+        std=mean_std[1],
+        best_epoch=1,
+    )
+    model = LoadedModel(layout.TRANSFER, network.eval(), meta)
+    cpu = torch.device("cpu")
+    with pytest.raises(UserError) as refused:
+        require_memory(model, images, 65536, cpu)
+    message = str(refused.value)
+    assert "the transfer model in batches of 20,000 images at 512 px" in message, message
+    assert "lower evaluate.batch_size well below" in message
+    require_memory(model, images, 8, cpu)

@@ -217,12 +217,16 @@ def test_flip_tta_averages_each_image_with_its_mirror(digits):
         model.network, test.images[:, :, ::-1].copy(), NORM, CPU.device
     )
     settings = PARAMS.evaluate.model_copy(update={"tta": "hflip"})
-    averaged = evaluate.with_tta(plain.numpy(), model, test_set, settings, CPU.device)
+
+    def predict(images: np.ndarray) -> torch.Tensor:
+        return engine.predict_logits(model.network, images, model.norm, CPU.device)
+
+    averaged = evaluate.with_tta(plain.numpy(), predict, test_set, settings)
     expected = (plain + networks.probabilities(mirrored)).numpy() / 2
     np.testing.assert_allclose(averaged, expected, rtol=1e-6)
     assert not np.allclose(averaged, plain.numpy())
     none = PARAMS.evaluate.model_copy(update={"tta": "none"})
-    unchanged = evaluate.with_tta(plain.numpy(), model, test_set, none, CPU.device)
+    unchanged = evaluate.with_tta(plain.numpy(), predict, test_set, none)
     np.testing.assert_array_equal(unchanged, plain.numpy())
 
 

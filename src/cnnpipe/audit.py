@@ -10,25 +10,13 @@ meaningful for every model, private or not; DP-SGD bounds what any attack can ac
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
-from torch import nn
 
-from cnnpipe import engine, networks, store
-
-
-def per_image_losses(
-    model: nn.Module,
-    images: np.ndarray,
-    labels: np.ndarray,
-    norm: engine.Normalisation,
-    device: torch.device,
-    batch_size: int = 256,
-) -> np.ndarray:
-    """The training loss of each image (cross-entropy, or binary cross-entropy for a one-unit
-    head), in eval mode."""
-    return losses(engine.predict_logits(model, images, norm, device, batch_size), labels)
+from cnnpipe import networks, store
 
 
 def losses(logits: torch.Tensor, labels: np.ndarray) -> np.ndarray:
@@ -45,22 +33,18 @@ def balanced_sample(members: int, nonmembers: int, seed: int) -> tuple[np.ndarra
 
 
 def membership_audit(
-    model: nn.Module,
+    predict: Callable[[np.ndarray], torch.Tensor],
     members: store.Split,
     nonmember_losses: np.ndarray,
-    norm: engine.Normalisation,
-    device: torch.device,
     seed: int,
 ) -> float:
-    """ROC-AUC of telling `members` from the non-members by `model`'s loss on each, lower loss
-    meaning member, on a balanced sample of both (`balanced_sample`). The non-members' losses
-    are given (evaluate has their logits already); the members' are computed for the sampled
-    images only."""
+    """ROC-AUC of telling `members` from the non-members by the model's loss on each, lower
+    loss meaning member, on a balanced sample of both (`balanced_sample`). `predict` gives the
+    model's logits for images, in eval mode. The non-members' losses are given (evaluate has
+    their logits already); the members' are computed for the sampled images only."""
     chosen_members, chosen_nonmembers = balanced_sample(len(members), len(nonmember_losses), seed)
     chosen_members = np.sort(chosen_members)  # in file order: a memory-mapped split reads forward
-    member_losses = per_image_losses(
-        model, members.images[chosen_members], members.labels[chosen_members], norm, device
-    )
+    member_losses = losses(predict(members.images[chosen_members]), members.labels[chosen_members])
     return _auc(member_losses, nonmember_losses[chosen_nonmembers])
 
 

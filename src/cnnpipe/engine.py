@@ -214,28 +214,31 @@ def predict_probabilities(
     return networks.probabilities(predict_logits(model, images, norm, device, batch_size)).numpy()
 
 
-def step_bytes_per_image(model: nn.Module, inputs: Inputs, precision: str = "fp32") -> int:
-    """The memory a training step of `model` takes for each image of its batch: the peak of the
-    tensors alive during a forward and backward pass, measured on steps of 2 and of 4 images
-    of `inputs` (at least 4) and taken as the difference, so the weights and their gradients
-    drop out. A step of n images needs n times this and the model: a lower bound. The model's
-    mode, gradients, batch-norm statistics and the random streams are left as they were."""
-    two, four = (_step_peak(model, inputs.batch(np.arange(n)), precision) for n in (2, 4))
+def step_bytes_per_image(
+    model: nn.Module, inputs: Inputs, precision: str = "fp32", training: bool = True
+) -> int:
+    """The memory a step of `model` takes for each image of its batch: the peak of the tensors
+    alive during a training step's forward and backward pass (or, not `training`, a forward
+    pass in eval mode), measured on steps of 2 and of 4 images of `inputs` (at least 4) and
+    taken as the difference, so the weights and their gradients drop out. A step of n images
+    needs n times this and the model: a lower bound. The model's mode, gradients, batch-norm
+    statistics and the random streams are left as they were."""
+    two, four = (_step_peak(model, inputs.batch(np.arange(n)), precision, training) for n in (2, 4))
     return max(0, (four - two) // 2)
 
 
-def _step_peak(model: nn.Module, batch: torch.Tensor, precision: str) -> int:
+def _step_peak(model: nn.Module, batch: torch.Tensor, precision: str, training: bool) -> int:
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
-    training, grads = model.training, [(p, p.grad) for p in model.parameters()]
+    was_training, grads = model.training, [(p, p.grad) for p in model.parameters()]
     rngs = [batch.device] if batch.device.type == "cuda" else []
     with torch.random.fork_rng(rngs), _PeakMemory() as memory:
-        model.train()
-        with autocast(batch.device, precision):
+        model.train(training)
+        with autocast(batch.device, precision), torch.set_grad_enabled(training):
             logits = torch.func.functional_call(model, buffers, (batch,), strict=False)
         if logits.requires_grad:  # a stand-in loss: its backward pass is that of any loss
             logits.float().logsumexp(1).sum().backward()
         del logits
-    model.train(training)
+    model.train(was_training)
     for weight, grad in grads:
         weight.grad = grad
     return memory.peak
@@ -584,7 +587,7 @@ class Trainer:
         return torch.stack([batch_loss.detach().double() * len(index), correct.double(), count])
 
     def _validate(self, epoch: int, train_loss: float, train_accuracy: float) -> EpochRecord:
-        logits = logits_of(self.validated, self.val)
+        logits = logits_of(self.validated, self.val, self.options.batch_size)
         labels = torch.from_numpy(np.asarray(self.val.labels))
         predicted = networks.predicted_classes(logits)
         return EpochRecord(

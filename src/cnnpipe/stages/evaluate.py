@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,9 +19,13 @@ import torch
 from matplotlib.figure import Figure
 
 from cnnpipe import audit, engine, layout, metrics, networks, plots, report, rules, runtime, store
+from cnnpipe.errors import UserError
 from cnnpipe.params import EvaluateParams, Params
 from cnnpipe.recorder import Recorder
 from cnnpipe.report import ModelResult
+
+# A model's logits for images (eval mode, in evaluate.batch_size batches).
+Predict = Callable[[np.ndarray], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -79,14 +84,19 @@ def measure(
     seed: int,
 ) -> Measured:
     network = model.network.to(device)
-    logits = engine.predict_logits(network, test.images, model.norm, device, settings.batch_size)
-    probabilities = with_tta(networks.probabilities(logits).numpy(), model, test, settings, device)
+    require_memory(model, test.images, settings.batch_size, device)
+
+    def predict(images: np.ndarray) -> torch.Tensor:
+        return engine.predict_logits(network, images, model.norm, device, settings.batch_size)
+
+    logits = predict(test.images)
+    probabilities = with_tta(networks.probabilities(logits).numpy(), predict, test, settings)
     costs = metrics.size(network, model.target.folder / "weights.pt")
     costs |= metrics.latency(network, test.images, model.norm, device)
     # the membership audit (audit.py): the train split's images (members, un-augmented)
     # against the test split's, as many of each (seeded)
     test_losses = audit.losses(logits, test.labels)
-    audit_auc = audit.membership_audit(network, test.members, test_losses, model.norm, device, seed)
+    audit_auc = audit.membership_audit(predict, test.members, test_losses, seed)
     scores = test.score(probabilities) | {"audit_auc": audit_auc}
     meta = model.meta
     result = ModelResult(
@@ -99,17 +109,35 @@ def measure(
 
 
 def with_tta(
-    probabilities: np.ndarray, model: LoadedModel, test: TestSet, settings: EvaluateParams, device
+    probabilities: np.ndarray, predict: Predict, test: TestSet, settings: EvaluateParams
 ) -> np.ndarray:
     """`probabilities` of the test images, or with `tta: hflip` their mean with those of the
-    mirrored images."""
+    mirrored images (`predict`: images -> logits)."""
     if settings.tta == "none":
         return probabilities
-    mirrored = np.ascontiguousarray(test.images[:, :, ::-1])
-    flipped = engine.predict_logits(
-        model.network, mirrored, model.norm, device, settings.batch_size
-    )
+    flipped = predict(np.ascontiguousarray(test.images[:, :, ::-1]))
     return (probabilities + networks.probabilities(flipped).numpy()) / 2
+
+
+def require_memory(model: LoadedModel, images: np.ndarray, batch_size: int, device) -> None:
+    """Refuse in one line a batch size whose forward passes over `images` cannot fit in the
+    memory left: the bytes a pass takes per image (`engine.step_bytes_per_image`) times the
+    batch is a lower bound of what it needs (a transfer model at 512 px takes about 70 MiB an
+    image: the default batch of 256 needs over 17 GiB)."""
+    batch = min(batch_size, len(images))
+    available = runtime.available_memory(runtime.Runtime(device))
+    if available is None or batch < 4:
+        return
+    inputs = engine.ImageInputs(images, np.zeros(len(images), np.int64), model.norm, device)
+    per_image = engine.step_bytes_per_image(model.network, inputs, training=False)
+    if batch * per_image > available:
+        size = getattr(model.network, "input_size", images.shape[1])
+        raise UserError(
+            f"evaluating the {model.target.name} model in batches of {batch:,} images at "
+            f"{size} px needs more than {batch * per_image / 2**30:,.1f} GiB of memory, and "
+            f"{available / 2**30:,.1f} GiB are free: lower evaluate.batch_size well below "
+            f"{available // per_image:,}"
+        )
 
 
 def pictures(model: LoadedModel, test: TestSet, probabilities: np.ndarray) -> dict[str, Figure]:
