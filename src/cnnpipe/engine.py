@@ -214,6 +214,12 @@ def predict_probabilities(
     return networks.probabilities(predict_logits(model, images, norm, device, batch_size)).numpy()
 
 
+# `step_bytes_per_image` is within a few percent of what a real step adds to a process's peak
+# memory per image (bench/memory_check.py): a batch is refused only when it needs more than
+# this share of the memory left, so that no batch that could run is refused.
+MEMORY_MARGIN = 1.1
+
+
 def step_bytes_per_image(
     model: nn.Module, inputs: Inputs, precision: str = "fp32", training: bool = True
 ) -> int:
@@ -221,8 +227,8 @@ def step_bytes_per_image(
     alive during a training step's forward and backward pass (or, not `training`, a forward
     pass in eval mode), measured on steps of 2 and of 4 images of `inputs` (at least 4) and
     taken as the difference, so the weights and their gradients drop out. A step of n images
-    needs n times this and the model: a lower bound. The model's mode, gradients, batch-norm
-    statistics and the random streams are left as they were."""
+    needs n times this on top of the model. The model's mode, gradients, batch-norm statistics
+    and the random streams are left as they were."""
     two, four = (_step_peak(model, inputs.batch(np.arange(n)), precision, training) for n in (2, 4))
     return max(0, (four - two) // 2)
 

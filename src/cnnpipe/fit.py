@@ -288,11 +288,11 @@ def require_memory(job: FitContext, trainer: Trainer, phases: list[Phase]) -> No
     """Refuse in one line, before the first of `phases` starts, a fit whose training step in
     any of them cannot fit in memory (naming the phase that needs most per image).
 
-    What a step takes per image (`engine.step_bytes_per_image`, with the weights that phase's
-    optimiser trains) times the batch, plus DP-SGD's per-image gradients, is less than the step
-    needs, so a refused step could not have run: on the CPU the kernel would have killed the
-    stage with no message (transfer at 512 px in batches of 4,096 was, in its frozen phase).
-    With fewer than 4 images a step, nothing is measured."""
+    A step needs what `engine.step_bytes_per_image` measures per image (with the weights that
+    phase's optimiser trains) times the batch, plus DP-SGD's per-image gradients; a step that
+    needs more than the memory left (by `engine.MEMORY_MARGIN`) cannot run: on the CPU the
+    kernel would kill the stage with no message (transfer at 512 px in batches of 4,096 was, in
+    its frozen phase). With fewer than 4 images a step, nothing is measured."""
     available = runtime.available_memory(job.where)
     if available is None:
         return
@@ -306,7 +306,7 @@ def require_memory(job: FitContext, trainer: Trainer, phases: list[Phase]) -> No
         if phase.privacy:  # Opacus keeps every image's gradient of every weight that learns
             learning = [weight for weight in job.model.parameters() if weight.requires_grad]
             per_image += sum(weight.numel() * weight.element_size() for weight in learning)
-        if batch * per_image > available:
+        if batch * per_image > available * engine.MEMORY_MARGIN:
             too_large.append(StepNeed(per_image, batch, phase.name, phase.privacy is not None))
     if too_large:
         raise UserError(_too_large(job, max(too_large), available))
@@ -328,7 +328,7 @@ def _too_large(job: FitContext, need: StepNeed, available: int) -> str:
     holder = "the GPU" if job.where.device.type == "cuda" else "this machine"
     return (
         f"a training step of {need.batch:,} images at {size} px in the {need.phase} phase needs "
-        f"more than {need.batch * need.per_image / 2**30:,.1f} GiB of memory, and {holder} has "
+        f"about {need.batch * need.per_image / 2**30:,.1f} GiB of memory, and {holder} has "
         f"{available / 2**30:,.1f} GiB free: lower {batch_param} well below "
         f"{available // need.per_image:,}, or {job.recipe.size_param}"
     )
