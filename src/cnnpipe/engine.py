@@ -256,21 +256,25 @@ class _PeakMemory(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.alive: dict[int, int] = {}  # a storage's address -> its bytes
-        self.peak = 0
+        self.total = self.peak = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for tensor in tree_flatten(out)[0]:
             if isinstance(tensor, torch.Tensor):
                 self._track(tensor.untyped_storage())
-        self.peak = max(self.peak, sum(self.alive.values()))
+        self.peak = max(self.peak, self.total)
         return out
 
     def _track(self, storage: torch.UntypedStorage) -> None:
         address = storage.data_ptr()
         if address and address not in self.alive:  # a view or an in-place result: counted
             self.alive[address] = storage.nbytes()
-            weakref.finalize(storage, self.alive.pop, address, None)
+            self.total += storage.nbytes()
+            weakref.finalize(storage, self._freed, address)
+
+    def _freed(self, address: int) -> None:
+        self.total -= self.alive.pop(address, 0)
 
 
 @dataclass

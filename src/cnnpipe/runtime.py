@@ -171,13 +171,8 @@ def _read_numbers(path: Path) -> dict[str, int]:
         lines = path.read_text().splitlines()
     except OSError:
         return {}
-    numbers = {}
-    for line in lines:
-        name, _, rest = line.partition(" ")
-        value = rest.split()[0] if rest.split() else ""
-        if value.isdigit():
-            numbers[name.rstrip(":")] = int(value)
-    return numbers
+    fields = [line.split() for line in lines]
+    return {f[0].rstrip(":"): int(f[1]) for f in fields if len(f) > 1 and f[1].isdigit()}
 
 
 def make_deterministic(seed: int, deterministic: bool, device: torch.device) -> None:
