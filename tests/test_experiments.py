@@ -62,6 +62,17 @@ def test_two_queued_experiments_run_in_parallel_and_both_land_in_mlflow(faces_re
 
     shown = experiments(json.loads(run(["dvc", "exp", "show", "--json"], faces_repo).stdout))
     assert len(shown) == 2, shown.keys()
+    # The README's comparison in a 160-column terminal: the experiments by name and both
+    # accuracies, none of them collapsed to "…"
+    table = run(
+        ["dvc", "exp", "show", "--no-pager", "--only-changed", "--keep", "accuracy"],
+        faces_repo,
+        COLUMNS="160",
+    ).stdout
+    header = next(line for line in table.splitlines() if "Experiment" in line)
+    for column in ("accuracy.scratch", "accuracy.transfer"):
+        assert f" {column} " in header, table
+    assert all(f"[{name}]" in table for name in shown), table
     for data in shown.values():
         accuracy = data["metrics"][EVALUATE_METRICS]["data"]["accuracy"]
         assert set(accuracy) == {"scratch", "transfer"}
