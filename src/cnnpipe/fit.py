@@ -325,7 +325,7 @@ def _too_large(job: FitContext, need: StepNeed, available: int) -> str:
     stage = job.recipe.target.stage
     size = getattr(job.model, "input_size", job.data.train.images.shape[1])
     batch_param = f"{stage}.privacy.batch_size" if need.private else f"{stage}.batch_size"
-    holder = "the GPU" if job.where.device.type == "cuda" else "this machine"
+    holder = runtime.memory_holder(job.where.device)
     return (
         f"a training step of {need.batch:,} images at {size} px in the {need.phase} phase needs "
         f"about {need.batch * need.per_image / 2**30:,.1f} GiB of memory, and {holder} has "

@@ -140,6 +140,11 @@ def available_memory(runtime: Runtime) -> int | None:
     return available // max(1, processes)
 
 
+def memory_holder(device: torch.device) -> str:
+    """What `available_memory` is the memory of, as a message names it."""
+    return "the GPU" if device.type == "cuda" else "this machine"
+
+
 # A container's memory limit, use and file cache: cgroup v2, then v1. The cache can be
 # reclaimed, so it counts as free, as in MemAvailable.
 CGROUP_MEMORY = (

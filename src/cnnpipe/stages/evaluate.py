@@ -84,7 +84,6 @@ def measure(
     seed: int,
 ) -> Measured:
     network = model.network.to(device)
-    require_memory(model, test.images, settings.batch_size, device)
 
     def predict(images: np.ndarray) -> torch.Tensor:
         return engine.predict_logits(network, images, model.norm, device, settings.batch_size)
@@ -120,23 +119,23 @@ def with_tta(
 
 
 def require_memory(model: LoadedModel, images: np.ndarray, batch_size: int, device) -> None:
-    """Refuse in one line a batch size whose forward passes over `images` cannot fit in the
-    memory left (by `engine.MEMORY_MARGIN`): a pass needs what `engine.step_bytes_per_image`
-    measures per image times the batch (a transfer model at 512 px takes about 70 MiB an image:
-    the default batch of 256 needs over 17 GiB)."""
+    """Refuse in one line, before any model is evaluated, a batch size whose forward passes
+    over `images` cannot fit in the memory left (by `engine.MEMORY_MARGIN`): a pass needs what
+    `engine.step_bytes_per_image` measures per image times the batch (a transfer model at 512 px
+    takes about 70 MiB an image: the default batch of 256 needs over 17 GiB)."""
     batch = min(batch_size, len(images))
     available = runtime.available_memory(runtime.Runtime(device))
     if available is None or batch < 4:
         return
     inputs = engine.ImageInputs(images, np.zeros(len(images), np.int64), model.norm, device)
-    per_image = engine.step_bytes_per_image(model.network, inputs, training=False)
+    per_image = engine.step_bytes_per_image(model.network.to(device), inputs, training=False)
     if batch * per_image > available * engine.MEMORY_MARGIN:
         size = getattr(model.network, "input_size", images.shape[1])
         raise UserError(
             f"evaluating the {model.target.name} model in batches of {batch:,} images at "
             f"{size} px needs about {batch * per_image / 2**30:,.1f} GiB of memory, and "
-            f"{available / 2**30:,.1f} GiB are free: lower evaluate.batch_size well below "
-            f"{available // per_image:,}"
+            f"{runtime.memory_holder(device)} has {available / 2**30:,.1f} GiB free: lower "
+            f"evaluate.batch_size well below {available // per_image:,}"
         )
 
 
@@ -277,6 +276,8 @@ def run(params: Params, recorder: Recorder) -> None:
     device = runtime.resolve_device("auto")
     test = TestSet.load()
     loaded = [LoadedModel(t, *networks.load_trained(t.folder)) for t in layout.TRAINED]
+    for model in loaded:
+        require_memory(model, test.images, settings.batch_size, device)
     recorder.log_splits(
         {"test": store.Split(test.images, test.labels)},
         test.classes,
