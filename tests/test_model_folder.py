@@ -10,10 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from sklearn.datasets import load_digits
 
-from cnnpipe import networks, store
+from cnnpipe import engine, networks, serving, store
 from cnnpipe.errors import UserError
 
 META = {
@@ -120,3 +122,27 @@ def test_a_good_folder_loads(good_folder):
     assert meta.classes == ["no", "yes"]
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 16, 16)).shape == (1, 1)
+
+
+def test_a_served_512_px_model_answers_a_large_request_in_batches_of_bounded_memory(
+    good_folder, tmp_path
+):
+    """A transfer model at 512 px takes about 70 MiB an image in a forward pass: served, it
+    predicts real digits in batches that hold at most `serving.BATCH_MEMORY` (not 256 images,
+    over 17 GiB), with the same answers as one pass over every image. A small model keeps
+    batches of 256."""
+    folder = tmp_path / "transfer"
+    network = networks.build("efficientnet_lite0", num_classes=2, image_size=16, input_size=512)
+    large = META | {"architecture": "efficientnet_lite0", "input_size": 512}
+    meta = store.ModelMeta.model_validate_json(json.dumps(large))
+    store.write_model_folder(folder, network.state_dict(), meta)
+    classifier = serving.ImageClassifier(folder)
+    assert 4 <= classifier.batch_size <= 24, classifier.batch_size
+    digits = (load_digits().images[: classifier.batch_size + 1] * 255 / 16).astype(np.uint8)
+    images = np.repeat(np.kron(digits, np.ones((2, 2), np.uint8))[..., None], 3, axis=-1)
+    batched = classifier.probabilities(images)
+    at_once = engine.predict_probabilities(
+        classifier.model, images, classifier.norm, serving.CPU, len(images)
+    )
+    np.testing.assert_allclose(batched, at_once, rtol=1e-4, atol=1e-6)
+    assert serving.ImageClassifier(good_folder).batch_size == 256
