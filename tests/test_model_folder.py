@@ -128,7 +128,7 @@ def test_a_served_512_px_model_answers_a_large_request_in_batches_of_bounded_mem
     good_folder, tmp_path
 ):
     """A transfer model at 512 px takes about 70 MiB an image in a forward pass: served, it
-    predicts real digits in batches that hold at most `serving.BATCH_MEMORY` (not 256 images,
+    predicts real digits in batches that hold at most `engine.BATCH_MEMORY` (not 256 images,
     over 17 GiB), with the same answers as one pass over every image. A small model keeps
     batches of 256."""
     folder = tmp_path / "transfer"

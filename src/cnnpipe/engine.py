@@ -233,6 +233,21 @@ def step_bytes_per_image(
     return max(0, (four - two) // 2)
 
 
+# The memory a forward pass over one batch may take where the pipeline picks the batch itself
+# (a served model's requests, a private head's features): at most 256 images, fewer where each
+# takes more than 4 MiB (a transfer model at 512 px: about 70 MiB an image, 14 a batch).
+BATCH_MEMORY = 1 << 30
+
+
+def inference_batch_size(model: nn.Module, norm: Normalisation, image_size: int, device) -> int:
+    """The images a forward pass of `model` in eval mode takes at a time: as many as
+    `BATCH_MEMORY` holds by `step_bytes_per_image`, at most 256 (measured on blank images)."""
+    blank = np.zeros((4, image_size, image_size, 3), np.uint8)
+    inputs = ImageInputs(blank, np.zeros(4, np.int64), norm, device)
+    per_image = step_bytes_per_image(model, inputs, training=False)
+    return int(np.clip(BATCH_MEMORY // max(per_image, 1), 1, 256))
+
+
 def _step_peak(model: nn.Module, batch: torch.Tensor, precision: str, training: bool) -> int:
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
     was_training, grads = model.training, [(p, p.grad) for p in model.parameters()]

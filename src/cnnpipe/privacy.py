@@ -201,22 +201,20 @@ def make_private(
 
 @torch.no_grad()
 def head_features(
-    model: TransferNet,
-    images: np.ndarray,
-    norm: engine.Normalisation,
-    device: torch.device,
-    batch_size: int = 256,
+    model: TransferNet, images: np.ndarray, norm: engine.Normalisation, device: torch.device
 ) -> torch.Tensor:
     """What `model`'s head receives for each image (eval mode: ImageNet batch-norm statistics,
-    no dropout), on the CPU. Computed once, it lets a private head train for many epochs
-    without running the backbone again: the backbone never sees the gradients of the training
-    images, so it costs no privacy."""
+    no dropout), on the CPU, in batches of `engine.inference_batch_size`. Computed once, it
+    lets a private head train for many epochs without running the backbone again: the backbone
+    never sees the gradients of the training images, so it costs no privacy."""
+    model = model.to(device)
+    batch_size = engine.inference_batch_size(model, norm, images.shape[1], device)
     captured = []
     hook = model.head.register_forward_pre_hook(
         lambda _, args: captured.append(args[0].float().cpu())
     )
     try:
-        engine.predict_logits(model.to(device), images, norm, device, batch_size)
+        engine.predict_logits(model, images, norm, device, batch_size)
     finally:
         hook.remove()
     return torch.cat(captured)

@@ -43,10 +43,6 @@ PYFUNC_REQUIREMENTS = [
     for name in ("torch", "torchvision", "timm", "pillow", "pandas", "numpy", "mlflow", "pydantic")
 ]
 REQUEST_PIXELS = 100_000_000  # the images of one request, together; each also `images.MAX_PIXELS`
-# The memory a forward pass over one batch of a request may take (`engine.step_bytes_per_image`
-# sizes the batch, at most 256 images), so that a request of any number of images costs a
-# served model no more: a transfer model at 512 px takes about 70 MiB an image.
-BATCH_MEMORY = 1 << 30
 _DECODING = threading.Lock()
 CPU = torch.device("cpu")
 # The logged model's environment, written out (from pip requirements alone MLflow would look
@@ -185,16 +181,10 @@ class ImageClassifier:
     def __init__(self, model_dir: Path):
         self.model, self.meta = networks.load_trained(model_dir)
         self.norm = engine.Normalisation(self.meta.mean, self.meta.std)
-        self.batch_size = self._batch_size()
-
-    def _batch_size(self) -> int:
-        """The images a forward pass takes at a time: as many as `BATCH_MEMORY` holds."""
-        size = self.meta.image_size
-        blank = engine.ImageInputs(
-            np.zeros((4, size, size, 3), np.uint8), np.zeros(4, np.int64), self.norm, CPU
+        # a request of any number of images costs no more memory than one batch
+        self.batch_size = engine.inference_batch_size(
+            self.model, self.norm, self.meta.image_size, CPU
         )
-        per_image = engine.step_bytes_per_image(self.model, blank, training=False)
-        return int(np.clip(BATCH_MEMORY // max(per_image, 1), 1, 256))
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """uint8 images of the model's size -> N x classes probabilities."""
