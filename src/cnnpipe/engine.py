@@ -239,12 +239,22 @@ def step_bytes_per_image(
 BATCH_MEMORY = 1 << 30
 
 
-def inference_batch_size(model: nn.Module, norm: Normalisation, image_size: int, device) -> int:
-    """The images a forward pass of `model` in eval mode takes at a time: as many as
-    `BATCH_MEMORY` holds by `step_bytes_per_image`, at most 256 (measured on blank images)."""
+def inference_bytes_per_image(
+    model: nn.Module, norm: Normalisation, image_size: int, device: torch.device
+) -> int:
+    """`step_bytes_per_image` of a forward pass in eval mode on images of `image_size` (blank:
+    the memory depends on their shape, not on what they show)."""
     blank = np.zeros((4, image_size, image_size, 3), np.uint8)
     inputs = ImageInputs(blank, np.zeros(4, np.int64), norm, device)
-    per_image = step_bytes_per_image(model, inputs, training=False)
+    return step_bytes_per_image(model, inputs, training=False)
+
+
+def inference_batch_size(
+    model: nn.Module, norm: Normalisation, image_size: int, device: torch.device
+) -> int:
+    """The images a forward pass of `model` in eval mode takes at a time: as many as
+    `BATCH_MEMORY` holds, at most 256."""
+    per_image = inference_bytes_per_image(model, norm, image_size, device)
     return int(np.clip(BATCH_MEMORY // max(per_image, 1), 1, 256))
 
 

@@ -121,16 +121,16 @@ def with_tta(
 def require_memory(model: LoadedModel, images: np.ndarray, batch_size: int, device) -> None:
     """Refuse in one line, before any model is evaluated, a batch size whose forward passes
     over `images` cannot fit in the memory left (by `engine.MEMORY_MARGIN`): a pass needs what
-    `engine.step_bytes_per_image` measures per image times the batch (a transfer model at 512 px
-    takes about 70 MiB an image: the default batch of 256 needs over 17 GiB)."""
+    `engine.inference_bytes_per_image` measures per image times the batch (a transfer model at
+    512 px takes about 70 MiB an image: the default batch of 256 needs over 17 GiB)."""
     batch = min(batch_size, len(images))
     available = runtime.available_memory(runtime.Runtime(device))
     if available is None or batch < 4:
         return
-    inputs = engine.ImageInputs(images, np.zeros(len(images), np.int64), model.norm, device)
-    per_image = engine.step_bytes_per_image(model.network.to(device), inputs, training=False)
+    network = model.network.to(device)
+    per_image = engine.inference_bytes_per_image(network, model.norm, images.shape[1], device)
     if batch * per_image > available * engine.MEMORY_MARGIN:
-        size = getattr(model.network, "input_size", images.shape[1])
+        size = getattr(network, "input_size", images.shape[1])
         raise UserError(
             f"evaluating the {model.target.name} model in batches of {batch:,} images at "
             f"{size} px needs about {batch * per_image / 2**30:,.1f} GiB of memory, and "
