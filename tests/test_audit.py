@@ -31,9 +31,8 @@ def overfitted(groups) -> torch.nn.Module:
     model = networks.build("seed_cnn", num_classes=10, image_size=SIZE)
     seen = groups["seen"]
     options = engine.LoopOptions(20)
-    trainer = engine.Trainer.on_images(
-        model, (seen, seen), NORM, engine.Runtime(CPU), options, 0, 60
-    )
+    inputs = engine.image_inputs((seen, seen), NORM, CPU)
+    trainer = engine.Trainer(model, *inputs, engine.Runtime(CPU), options, 0, 60)
     trainer.run(torch.optim.Adam(model.parameters(), lr=1e-3), 60)
     return model.eval()
 

@@ -50,9 +50,8 @@ def _fit(data, epochs, checkpoint, until=None, options=None, policy=None):
     runtime.make_deterministic(0, True, torch.device("cpu"))
     model = networks.build("small_cnn", num_classes=10, image_size=12)
     options = options or engine.LoopOptions(64)
-    trainer = engine.Trainer.on_images(
-        model, data, NORM, CPU, options, 0, epochs, checkpoint, policy
-    )
+    inputs = engine.image_inputs(data, NORM, CPU.device, policy)
+    trainer = engine.Trainer(model, *inputs, CPU, options, 0, epochs, checkpoint)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     phase = fit.Phase("fit", epochs, optimizer=None, warmup_epochs=1)
     trainer.run(optimizer, until or epochs, phase.schedule(optimizer, trainer.steps_per_epoch()))
@@ -101,9 +100,8 @@ def test_trainer_learns_digits_and_keeps_the_best_epoch():
     runtime.make_deterministic(0, True, torch.device("cpu"))
     model = networks.build("seed_cnn", num_classes=10, image_size=12)
     epochs_seen = []
-    trainer = engine.Trainer.on_images(
-        model, (train, val), NORM, CPU, engine.LoopOptions(32), seed=0, total_epochs=4
-    )
+    inputs = engine.image_inputs((train, val), NORM, CPU.device)
+    trainer = engine.Trainer(model, *inputs, CPU, engine.LoopOptions(32), seed=0, total_epochs=4)
     trainer.on_epoch = lambda record, speed: epochs_seen.append((record.epoch, speed > 0))
     trainer.run(torch.optim.Adam(model.parameters(), lr=3e-3), until_epoch=4)
     assert epochs_seen == [(1, True), (2, True), (3, True), (4, True)]

@@ -25,9 +25,8 @@ RUNTIME = engine.Runtime(CPU)
 
 def trainer_on(model, digits, batch_size, epochs, checkpoint=None) -> engine.Trainer:
     options = engine.LoopOptions(batch_size)
-    return engine.Trainer.on_images(
-        model, (digits, digits), NORM, RUNTIME, options, 0, epochs, checkpoint
-    )
+    inputs = engine.image_inputs((digits, digits), NORM, RUNTIME.device)
+    return engine.Trainer(model, *inputs, RUNTIME, options, 0, epochs, checkpoint)
 
 
 def settings(**changes) -> PrivacyParams:

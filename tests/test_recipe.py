@@ -34,7 +34,8 @@ def digits() -> tuple[store.Split, store.Split]:
 def trained(data, options: engine.LoopOptions, epochs: int = 1, lr: float = 3e-3, policy=None):
     runtime.make_deterministic(0, True, CPU.device)
     model = networks.build("small_cnn", num_classes=10, image_size=SIZE)
-    trainer = engine.Trainer.on_images(model, data, NORM, CPU, options, 0, epochs, None, policy)
+    inputs = engine.image_inputs(data, NORM, CPU.device, policy)
+    trainer = engine.Trainer(model, *inputs, CPU, options, 0, epochs)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     trainer.run(optimizer, epochs)
     return trainer
@@ -135,9 +136,8 @@ def test_a_batch_of_one_image_never_ends_a_training_pass(digits):
     for images in (64, 65, 66):  # the schedule is made for the steps the pass takes
         train = store.Split(digits[0].images[:images], digits[0].labels[:images])
         model = networks.build("seed_cnn", num_classes=10, image_size=SIZE)
-        trainer = engine.Trainer.on_images(
-            model, (train, digits[1]), NORM, CPU, engine.LoopOptions(32), 0, 1
-        )
+        inputs = engine.image_inputs((train, digits[1]), NORM, CPU.device)
+        trainer = engine.Trainer(model, *inputs, CPU, engine.LoopOptions(32), 0, 1)
         batches = list(engine.batch_indices(images, 32, torch.Generator().manual_seed(0)))
         assert trainer.steps_per_epoch() == len(batches)
 

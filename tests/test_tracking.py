@@ -53,7 +53,9 @@ def test_artifact_addresses_keep_a_servers_scheme_and_path(monkeypatch):
 
 def test_stage_run_tags_params_and_is_found_by_fingerprint(mlflow_store, monkeypatch):
     monkeypatch.setenv("DVC_EXP_NAME", "brisk-lynx")
-    with tracking.stage_run("train", "exp", {"lr": 0.1}, "seed_cnn", {"prepare": "abc"}) as r:
+    with tracking.stage_run(
+        "train", "exp", {"lr": 0.1}, model="seed_cnn", upstream={"prepare": "abc"}
+    ) as r:
         r.log_metrics({"val_accuracy": 0.5}, step=1)
         r.set_fingerprint("f00d")
     run = MlflowClient(mlflow_store).get_run(r.run_id)

@@ -147,6 +147,21 @@ class ImageInputs:
         return to_input(pixels, self.norm, self.device)
 
 
+def image_inputs(
+    splits: tuple[Split, Split],
+    norm: Normalisation,
+    device: torch.device,
+    policy: Callable | None = None,
+    seed: int = 0,
+) -> tuple[ImageInputs, ImageInputs]:
+    """A trainer's inputs from (train, val) image splits, train images drawn through `policy`."""
+    train, val = splits
+    return (
+        ImageInputs(train.images, train.labels, norm, device, policy, seed),
+        ImageInputs(val.images, val.labels, norm, device),
+    )
+
+
 @dataclass
 class FeatureInputs:
     """Precomputed features: N x features, or N x views x features (views of one image)."""
@@ -452,33 +467,6 @@ class Trainer:
     stopped: str | None = None  # why the fit stopped before its last epoch
     pruned_at: int | None = None  # the epoch after which `on_epoch` stopped it
     steps: int = 0  # optimiser steps taken (the weight average warms up over them)
-
-    @classmethod
-    def on_images(
-        cls,
-        model: nn.Module,
-        splits: tuple[Split, Split],
-        norm: Normalisation,
-        runtime: Runtime,
-        options: LoopOptions,
-        seed: int,
-        total_epochs: int,
-        checkpoint: Checkpoint | None = None,
-        policy: Callable | None = None,
-    ) -> Trainer:
-        """A trainer on (train, val) image splits; train images drawn through `policy`."""
-        train, val = splits
-        device = runtime.device
-        return cls(
-            model,
-            ImageInputs(train.images, train.labels, norm, device, policy, seed),
-            ImageInputs(val.images, val.labels, norm, device),
-            runtime,
-            options,
-            seed,
-            total_epochs,
-            checkpoint,
-        )
 
     def __post_init__(self) -> None:
         self.device = self.runtime.device

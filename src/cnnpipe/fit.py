@@ -252,19 +252,14 @@ class FitContext:
 
 def fit_network(job: FitContext) -> Fitted:
     """Train the network phase by phase; a private phase with DP-SGD."""
-    augmentation = job.data.augmentation
-    trainer = Trainer.on_images(
-        job.model,
-        (job.data.train, job.data.val),
-        job.norm,
-        job.where,
-        job.options,
-        job.seed,
-        sum(phase.epochs for phase in job.recipe.phases),
-        job.checkpoint,
-        augmentation.policy() if augmentation.on_the_fly else None,
+    augmentation, phases, private = job.data.augmentation, job.recipe.phases, None
+    policy = augmentation.policy() if augmentation.on_the_fly else None
+    splits = (job.data.train, job.data.val)
+    train, val = engine.image_inputs(splits, job.norm, job.where.device, policy, job.seed)
+    epochs = sum(phase.epochs for phase in phases)
+    trainer = Trainer(
+        job.model, train, val, job.where, job.options, job.seed, epochs, job.checkpoint
     )
-    train, phases, private = trainer.train, job.recipe.phases, None
     ends = list(itertools.accumulate(phase.epochs for phase in phases))
     # A phase the checkpoint has finished needs no optimiser (the first one built imports
     # torch._dynamo: seconds); a private one is resumed all the same, for the ε it spent.

@@ -609,15 +609,17 @@ def stage_run(
     stage: str,
     experiment: str,
     params: dict[str, object],
+    *,
     model: str | None = None,
     upstream: dict[str, str | None] | None = None,
     log_images: bool = True,
     run_name: str | None = None,
     system_metrics: bool = False,
 ) -> Iterator[StageRun]:
-    """Start the MLflow run of a stage, named `<stage>-<model>` (or `run_name`), with CPU,
-    memory (and GPU) use sampled every few seconds when `system_metrics`; a failing stage
-    leaves its run marked FAILED."""
+    """Start the MLflow run of a stage, named `<stage>-<model>` (or `run_name`), tagged with
+    the runs that made its inputs (`upstream`), with CPU, memory (and GPU) use sampled every
+    few seconds when `system_metrics`; a failing stage leaves its run marked FAILED. The
+    options after `params` are keyword-only, each with a default, as `mlflow.start_run`'s."""
     if os.environ.get("RANK", "0") != "0":
         yield _OtherRank()
         return

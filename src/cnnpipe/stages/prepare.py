@@ -176,18 +176,18 @@ def grouped_split(
     labels: np.ndarray,
     groups: np.ndarray,
     classes: list[str],
-    val_fraction: float,
-    test_fraction: float,
+    fractions: tuple[float, float],
     seed: int,
     test_rows: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """`split_indices` over the first row of each group of duplicates; the other rows follow
-    their first, so identical images never straddle two splits. Without duplicates this is
-    `split_indices` over all rows. `groups` must not join a source's own test rows
-    (`test_rows`) with its other rows: that split is the source's, not ours to move."""
+    """`split_indices` (val and test `fractions`) over the first row of each group of
+    duplicates; the other rows follow their first, so identical images never straddle two
+    splits. Without duplicates this is `split_indices` over all rows. `groups` must not join
+    a source's own test rows (`test_rows`) with its other rows: that split is the source's,
+    not ours to move."""
     firsts = np.flatnonzero(groups == np.arange(len(groups)))
     test_firsts = None if test_rows is None else np.flatnonzero(np.isin(firsts, test_rows))
-    drawn = split_indices(labels[firsts], classes, val_fraction, test_fraction, seed, test_firsts)
+    drawn = split_indices(labels[firsts], classes, *fractions, seed, test_firsts)
     split_of_first = np.empty(len(groups), dtype=np.int8)
     split_of_first[firsts] = split_numbers(drawn, len(firsts))
     split_of = split_of_first[groups]
@@ -273,7 +273,7 @@ def prepare_into(
         test_rows = np.flatnonzero(np.isin(decoded.items, stream.test_items))
         keys = _within_parts(keys, test_rows)
     groups = duplicate_groups(keys)
-    splits = grouped_split(labels, groups, stream.classes, *fractions, seed, test_rows)
+    splits = grouped_split(labels, groups, stream.classes, fractions, seed, test_rows)
     write_splits(decoded, labels, splits, image_size, folder)
     decoded.spool.unlink()
     store.write_json(folder / "classes.json", stream.classes)
