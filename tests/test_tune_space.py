@@ -1,14 +1,18 @@
-"""The `tune` section and the parts of `cnnpipe tune` that need no DVC run: the search space
-(ranges, log scale, choices, conditions) as Optuna samples it, the overrides, and writing the
-best params into params.yaml in place."""
+"""The `tune` section and the parts of `cnnpipe tune` that need no pipeline run: the search
+space (ranges, log scale, choices, conditions) as Optuna samples it, the overrides, writing the
+best params into params.yaml in place, and a worker that stops on a search that cannot run."""
 
 from __future__ import annotations
+
+import subprocess
+from pathlib import Path
 
 import optuna
 import pytest
 import yaml
+from optuna.trial import TrialState
 
-from cnnpipe import tune
+from cnnpipe import cli, tune
 from cnnpipe.errors import UserError
 from cnnpipe.params import TuneParams, load_params
 from conftest import REPO
@@ -169,3 +173,63 @@ def test_a_stage_reports_its_epochs_and_stops_when_pruned(tmp_path, monkeypatch)
     assert reporter("transfer", second)(1, 0.99) is True  # a later stage of a pruned trial stops
     study.tell(first, state=TrialState.FAIL)  # e.g. its worker died and the trial was retried
     assert reporter("train")(4, 0.99) is True
+
+
+@pytest.fixture
+def no_pipeline(tmp_path, monkeypatch, mlflow_store) -> Path:
+    """A committed params.yaml in a DVC folder with no pipeline: its experiments fail at once."""
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    (tmp_path / ".dvc").mkdir()
+    author = ["-c", "user.name=cnnpipe", "-c", "user.email=cnnpipe@localhost"]
+    for command in (["init", "-q"], ["add", "params.yaml"], [*author, "commit", "-qm", "params"]):
+        subprocess.run(["git", *command], cwd=tmp_path, check=True)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def tune_in(folder: Path, *pairs: str) -> int:
+    storage = f"sqlite:///{folder / 'study.db'}"
+    return cli.main(["tune", "--trials", "5", "--storage", storage, "-S", "tune.sampler=random",
+                     *(arg for pair in pairs for arg in ("-S", pair))])  # fmt: skip
+
+
+def trial_states(folder: Path) -> list[TrialState]:
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{folder / 'study.db'}")
+    return [t.state for t in study.get_trials()]
+
+
+def test_a_worker_whose_trials_keep_failing_stops_with_the_reason(no_pipeline, capsys):
+    """A failed trial is not counted (its params are retried), so a study whose every trial
+    fails would start experiments for ever: the worker stops after a few in a row."""
+    assert tune_in(no_pipeline) == 2
+    printed = capsys.readouterr()
+    assert (
+        printed.err.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"cnnpipe tune: error: {tune.FAILED_IN_A_ROW} trials in a row failed, the last one so: "
+            "dvc exp run exited 255: "
+        )
+    )
+    assert "dvc.yaml' does not exist" in printed.err and "Traceback" not in printed.err
+    assert trial_states(no_pipeline) == [TrialState.FAIL] * tune.FAILED_IN_A_ROW
+
+
+def test_drawn_values_that_do_not_fit_together_start_no_experiment(no_pipeline, capsys):
+    """Each value alone passes (checked at start-up); together the params refuse them."""
+    space = '{"transfer.epochs": {"choices": [2]}, "transfer.frozen_epochs": {"choices": [3]}}'
+    assert tune_in(no_pipeline, f"tune.space={space}") == 2
+    printed = capsys.readouterr()
+    assert "trial 0 not run: the params it drew: transfer: frozen_epochs (3) cannot exceed" in (
+        printed.out
+    )
+    assert (
+        printed.err.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"cnnpipe tune: error: {tune.REFUSED_IN_A_ROW} combinations in a row drawn from "
+            "tune.space were refused, the last one so: "
+        )
+    )
+    assert not (no_pipeline / tune.LOGS).exists()  # no experiment was started
+    assert trial_states(no_pipeline) == [TrialState.FAIL] * tune.REFUSED_IN_A_ROW

@@ -51,6 +51,12 @@ LOCAL_STORAGE = "local"  # tune.storage's name for it
 LOGS = Path(".dvc/tmp/tune")  # each trial's `dvc exp run` output, <experiment>.log
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 POLL_S = 1.0
+# A worker stops, with the last reason, after this many trials in a row whose experiment failed
+# (each one is failed and not counted, so a study whose every trial fails would never end) ...
+FAILED_IN_A_ROW = 3
+# ... or this many sampled combinations in a row that the params' rules refuse (a combination
+# is checked before its experiment starts: each searched value alone was checked at start-up).
+REFUSED_IN_A_ROW = 50
 OPEN_ATTEMPTS = 3
 PARENT_WAIT_S = 60
 
@@ -64,6 +70,15 @@ class Settings:
     overrides: dict[str, object]
     storage: str
     params: Params
+    trial_base: dict  # params.yaml as parsed, with `overrides`: what each trial's -S change
+
+    def refusal(self, sampled: dict[str, object]) -> str | None:
+        """Why the stages would refuse the params of a trial that draws `sampled`, or None."""
+        try:
+            validate(with_overrides(self.trial_base, sampled), "the params it drew")
+        except UserError as error:
+            return str(error)
+        return None
 
 
 def settings(
@@ -86,7 +101,7 @@ def settings(
     url = params.tune.storage
     if url == LOCAL_STORAGE:
         url = f"sqlite:///{repo_root() / STORAGE_FILE}"
-    return Settings(params.tune, trial_keys, url, params)
+    return Settings(params.tune, trial_keys, url, params, trial_raw)
 
 
 def open_storage(url: str, stale_after_s: int) -> optuna.storages.RDBStorage:
@@ -198,11 +213,13 @@ def experiment_name(study: str, number: int) -> str:
     return f"{study}-{number}"
 
 
-def launch(asked: optuna.Trial, config: Settings, parent_run: str | None) -> Running:
-    """Start the trial's DVC experiment with its share of the cores."""
+def launch(
+    asked: optuna.Trial, sampled: dict[str, object], config: Settings, parent_run: str | None
+) -> Running:
+    """Start the trial's DVC experiment, with the params it drew (`sampled`), with its share
+    of the cores."""
     tune = config.tune
     name = experiment_name(tune.study, asked.number)
-    sampled = sample(asked, tune)
     asked.set_user_attr("experiment", name)
     asked.set_user_attr("host", os.uname().nodename)
     link = trial.TrialLink(
@@ -298,8 +315,10 @@ class Heartbeat(threading.Thread):
                 self.storage.record_heartbeat(trial_id)
 
 
-def finish(study: optuna.Study, job: Running, baseline: str, tune: TuneParams) -> FrozenTrial:
-    """Tell the study how the trial's experiment ended."""
+def finish(
+    study: optuna.Study, job: Running, baseline: str, tune: TuneParams
+) -> tuple[FrozenTrial, str]:
+    """Tell the study how the trial's experiment ended; the trial, and a few words on it."""
     code = job.process.returncode
     if code != 0:
         tail = job.log.read_text(errors="replace").strip().splitlines()[-3:]
@@ -312,7 +331,7 @@ def finish(study: optuna.Study, job: Running, baseline: str, tune: TuneParams) -
         state, value, words = outcome(job.name, baseline, tune)
     study.tell(job.asked, value, state=state, skip_if_finished=True)
     print(f"trial {job.asked.number} ({job.name}) {state.name.lower()}: {words}", flush=True)
-    return study.get_trials(deepcopy=False)[job.asked.number]
+    return study.get_trials(deepcopy=False)[job.asked.number], words
 
 
 def stop_all(study: optuna.Study, running: list[Running]) -> None:
@@ -329,9 +348,37 @@ def stop_all(study: optuna.Study, running: list[Running]) -> None:
         print(f"trial {job.asked.number} ({job.name}) stopped; it will be retried", flush=True)
 
 
+def not_run(study: optuna.Study, asked: optuna.Trial, reason: str) -> None:
+    """Fail `asked` without running it (a finished trial takes no attributes: this one first)."""
+    asked.set_user_attr("not_run", reason)
+    study.tell(asked, state=TrialState.FAIL)
+
+
+def next_trial(study: optuna.Study, config: Settings) -> tuple[optuna.Trial, dict] | None:
+    """A new trial and the params it drew, or None when the study has its trials. A drawn
+    combination the params' rules refuse is failed at once, without an experiment, and drawn
+    again; after `REFUSED_IN_A_ROW` of them the search space is the problem: a UserError."""
+    for _ in range(REFUSED_IN_A_ROW):
+        asked = study.ask()
+        if surplus(study, asked, config.tune.trials):
+            not_run(study, asked, "the study already had its trials")
+            return None
+        sampled = sample(asked, config.tune)
+        refusal = config.refusal(sampled)
+        if refusal is None:
+            return asked, sampled
+        not_run(study, asked, refusal)
+        print(f"trial {asked.number} not run: {refusal}", flush=True)
+    raise UserError(
+        f"{REFUSED_IN_A_ROW} combinations in a row drawn from tune.space were refused, the last"
+        f" one so: {refusal}: narrow tune.space so that the values it searches fit together"
+    )
+
+
 def work(study: optuna.Study, config: Settings, parent_run: str | None) -> None:
-    """Run trials, `jobs` at a time, until the study has its trials."""
-    tune, running = config.tune, []
+    """Run trials, `jobs` at a time, until the study has its trials, or `FAILED_IN_A_ROW`
+    trials in a row have failed (a UserError, once the running trials have ended)."""
+    tune, running, failed = config.tune, [], []
     baseline = subprocess.run(
         ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=repo_root()
     ).stdout.strip()
@@ -340,27 +387,31 @@ def work(study: optuna.Study, config: Settings, parent_run: str | None) -> None:
     try:
         while True:
             optuna.storages.fail_stale_trials(study)
-            while len(running) < tune.jobs and room_left(study, tune.trials):
-                asked = study.ask()
-                if surplus(study, asked, tune.trials):
-                    study.tell(asked, state=TrialState.FAIL)
-                    asked.set_user_attr("not_run", "the study already had its trials")
+            while len(running) < tune.jobs and len(failed) < FAILED_IN_A_ROW:
+                drawn = room_left(study, tune.trials) and next_trial(study, config)
+                if not drawn:
                     break
-                heartbeat.add(asked._trial_id)
-                running.append(launch(asked, config, parent_run))
+                heartbeat.add(drawn[0]._trial_id)
+                running.append(launch(*drawn, config, parent_run))
             if not running:
-                return
+                break
             time.sleep(POLL_S)
             for job in [j for j in running if j.process.poll() is not None]:
                 running.remove(job)
                 heartbeat.trial_ids.discard(job.asked._trial_id)
-                finished = finish(study, job, baseline, tune)
+                finished, words = finish(study, job, baseline, tune)
                 tune_mlflow.log_trial(parent_run, study, finished)
+                failed = [*failed, words] if finished.state == TrialState.FAIL else []
     except KeyboardInterrupt:
         stop_all(study, running)
         raise
     finally:
         heartbeat.stopping.set()
+    if len(failed) >= FAILED_IN_A_ROW:
+        raise UserError(
+            f"{len(failed)} trials in a row failed, the last one so: {failed[-1]}: fix what it"
+            " says and run cnnpipe tune again to go on with the study"
+        )
 
 
 def interrupt_on_sigterm() -> None:

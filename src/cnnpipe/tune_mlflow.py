@@ -73,11 +73,14 @@ def log_trial(run_id: str, study: optuna.Study, finished: FrozenTrial) -> None:
 
 
 def figures(study: optuna.Study) -> dict:
-    """Optuna's figures of the study, by artifact name; importances need two finished
-    trials and two params that vary."""
+    """Optuna's figures of the study, by artifact name: none before a trial has finished
+    (Optuna would warn and draw empty axes); importances need two finished trials and two
+    params that vary."""
     from optuna.visualization import matplotlib as optuna_plots
 
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not done:
+        return {}
     found = {"optuna/optimization_history.png": optuna_plots.plot_optimization_history(study)}
     if len(done) >= 2:
         found["optuna/parallel_coordinate.png"] = optuna_plots.plot_parallel_coordinate(study)
