@@ -51,6 +51,7 @@ LOCAL_STORAGE = "local"  # tune.storage's name for it
 LOGS = Path(".dvc/tmp/tune")  # each trial's `dvc exp run` output, <experiment>.log
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 POLL_S = 1.0
+ENDED = {TrialState.COMPLETE: "finished", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
 # A worker stops, with the last reason, after this many trials in a row whose experiment failed
 # (each one is failed and not counted, so a study whose every trial fails would never end) ...
 FAILED_IN_A_ROW = 3
@@ -330,7 +331,7 @@ def finish(
     else:
         state, value, words = outcome(job.name, baseline, tune)
     study.tell(job.asked, value, state=state, skip_if_finished=True)
-    print(f"trial {job.asked.number} ({job.name}) {state.name.lower()}: {words}", flush=True)
+    print(f"trial {job.asked.number} ({job.name}) {ENDED[state]}: {words}", flush=True)
     return study.get_trials(deepcopy=False)[job.asked.number], words
 
 
@@ -452,7 +453,7 @@ def print_summary(study: optuna.Study) -> None:
         value = "" if frozen.value is None else f" {frozen.value:.4f}"
         print(
             f"  trial {frozen.number}: {frozen.user_attrs.get('experiment', '-')} "
-            f"{frozen.state.name.lower()}{value}"
+            f"{ENDED.get(frozen.state, frozen.state.name.lower())}{value}"
         )
     best = best_trial(study)
     if best is not None:
