@@ -25,3 +25,24 @@ def test_gradcam_explains_both_classes_of_a_sigmoid_model():
         heat = explain.gradcam(model, images, np.array([target, target]), NORM)
         assert heat.shape == (2, 16, 16) and np.isfinite(heat).all()
     assert explain.last_conv(model) is model[0]
+
+
+def test_gradcam_memory_does_not_grow_with_the_images_and_each_map_is_as_alone():
+    """Three times `GRADCAM_BATCH` images take about the memory of `GRADCAM_BATCH` (a transfer
+    model at 512 px takes about 400 MiB an image; evaluate.gradcam_images allows 64), and each
+    image gets the map it gets alone."""
+    loaded = load_source("builtin:digits", 16)
+    torch.manual_seed(0)
+    model = networks.build("small_cnn", num_classes=10, image_size=16)
+    count = 3 * explain.GRADCAM_BATCH
+    images, targets = loaded.images[:count], loaded.labels[:count]
+    with engine.PeakMemory() as few:
+        explain.gradcam(
+            model, images[: explain.GRADCAM_BATCH], targets[: explain.GRADCAM_BATCH], NORM
+        )
+    with engine.PeakMemory() as many:
+        heat = explain.gradcam(model, images, targets, NORM)
+    assert many.peak < 1.5 * few.peak, (many.peak, few.peak)
+    for i in (0, explain.GRADCAM_BATCH, count - 1):
+        alone = explain.gradcam(model, images[i : i + 1], targets[i : i + 1], NORM)
+        np.testing.assert_allclose(heat[i], alone[0], atol=1e-5)

@@ -277,7 +277,7 @@ def _step_peak(model: nn.Module, batch: torch.Tensor, precision: str, training: 
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
     was_training, grads = model.training, [(p, p.grad) for p in model.parameters()]
     rngs = [batch.device] if batch.device.type == "cuda" else []
-    with torch.random.fork_rng(rngs), _PeakMemory() as memory:
+    with torch.random.fork_rng(rngs), PeakMemory() as memory:
         model.train(training)
         with autocast(batch.device, precision), torch.set_grad_enabled(training):
             logits = torch.func.functional_call(model, buffers, (batch,), strict=False)
@@ -290,7 +290,7 @@ def _step_peak(model: nn.Module, batch: torch.Tensor, precision: str, training: 
     return memory.peak
 
 
-class _PeakMemory(TorchDispatchMode):
+class PeakMemory(TorchDispatchMode):
     """The peak bytes of the tensors that the operations run under it make and keep alive."""
 
     def __init__(self):
