@@ -128,6 +128,21 @@ def test_two_cpu_processes_train_one_model_and_log_once(prepared, tmp_path):
     assert np.isfinite(train_runs[0].data.metrics["best_val_accuracy"])
 
 
+def test_an_error_in_every_process_of_a_ddp_training_is_one_line(prepared, tmp_path):
+    """Each DDP process meets the same user error: it is said once, as in one process, with
+    exit status 2 and none of torchrun's logs and traceback (which buried it)."""
+    folder = _copy(prepared, tmp_path / "ddp", {"model": "small_cnn", "nproc": 2})
+    (folder / "data" / "augmented" / "augmentation.json").unlink()
+    result = subprocess.run(
+        [CNNPIPE, "train"], cwd=folder, env=_env(folder), capture_output=True, text=True
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [
+        "cnnpipe train: error: data/augmented/augmentation.json not found: run the augment "
+        "stage (dvc repro augment)"
+    ]
+
+
 def test_a_step_too_large_for_memory_is_refused_in_one_line_before_it_starts(tmp_path):
     """Transfer at 512 px in batches of every train digit (about 1,200) takes over 70 GiB in
     its frozen phase and over 400 GiB fine-tuning, more than any machine this suite runs on has:

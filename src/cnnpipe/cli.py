@@ -17,10 +17,14 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from cnnpipe import layout
 from cnnpipe.errors import UserError
 from cnnpipe.params import load_params, preset
+
+if TYPE_CHECKING:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 LOOPBACK = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}  # Linux names
 # A stage's garbage collector runs a full collection after this many middle-generation ones
@@ -28,24 +32,70 @@ LOOPBACK = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}  # Linux nam
 FULL_COLLECTION_EVERY = 100
 
 
+# Under `relaunch_under_torchrun`: the folder where each process writes its one-line error
+# (printed there, each process's copy would repeat it), read by the process that launched them.
+RANK_ERRORS = "CNNPIPE_RANK_ERRORS"
+
+
 def relaunch_under_torchrun(stage: str, nproc: int) -> int:
-    """Run this stage again as `nproc` DDP processes on this machine (see README for
-    several machines); returns torchrun's exit status. The processes find each other on the
+    """Run this stage again as `nproc` DDP processes on this machine (see README for several
+    machines), each with cores ÷ `nproc` threads (torchrun would give one). torchrun's agent runs
+    in this process with its logging off, so that a process's one-line error is not buried
+    under the agent's logs and traceback: the errors are printed once each (exit status 2), or
+    the first process that failed otherwise is named (1). The processes find each other on the
     loopback interface (`LOOPBACK`: the workers' gloo and NCCL sockets, the address they are
     told) unless the environment names other interfaces."""
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--local-addr=127.0.0.1",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "cnnpipe",
-        stage,
-    ]
-    environment = (LOOPBACK if sys.platform == "linux" else {}) | dict(os.environ)
-    return subprocess.run(command, check=False, env=environment).returncode
+    import logging
+    import shutil
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    errors = Path(tempfile.mkdtemp(prefix="cnnpipe-ranks-"))
+    threads = str(max(1, (os.cpu_count() or 1) // nproc))
+    defaults = (LOOPBACK if sys.platform == "linux" else {}) | {"OMP_NUM_THREADS": threads}
+    os.environ.update({k: v for k, v in defaults.items() if k not in os.environ})
+    os.environ[RANK_ERRORS] = str(errors)
+    logging.disable(logging.CRITICAL)
+    command = ["--standalone", "--local-addr=127.0.0.1", f"--nproc-per-node={nproc}"]
+    try:
+        run(parse_args([*command, "-m", "cnnpipe", stage]))
+        return 0
+    except ChildFailedError as failed:
+        return _report_processes(stage, nproc, failed, errors)
+    except SignalException as stopped:  # Ctrl-C or kill: the agent has stopped the processes
+        return 128 + stopped.sigval
+    finally:
+        shutil.rmtree(errors, ignore_errors=True)
+
+
+def _report_processes(stage: str, nproc: int, failed: ChildFailedError, errors: Path) -> int:
+    messages = {path.read_text() for path in errors.iterdir()}
+    for message in sorted(messages):
+        print(f"cnnpipe {stage}: error: {message}", file=sys.stderr)
+    if messages:
+        return 2
+    rank, failure = failed.get_first_failure()
+    code = failure.exitcode
+    how = f"signal {failure.signal_name()}" if code < 0 else f"exit status {code}"
+    print(
+        f"cnnpipe {stage}: error: process {rank} of the {nproc} it ran in ended with {how} (its"
+        " output is above)",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def report_error(command: str, message: str) -> None:
+    """A user's error, in one line on stderr; in a process `relaunch_under_torchrun` started,
+    into its errors folder."""
+    folder = os.environ.get(RANK_ERRORS)
+    if folder and "RANK" in os.environ:
+        Path(folder, f"process-{os.environ['RANK']}").write_text(message)
+    else:
+        print(f"cnnpipe {command}: error: {message}", file=sys.stderr)
 
 
 def run_stage(name: str) -> int:
@@ -53,6 +103,7 @@ def run_stage(name: str) -> int:
     its recorder (tracking.py); record, which is MLflow's own, as it is."""
     params = load_params()
     stage = layout.STAGES[name]
+    require_inputs(stage)
     nproc = getattr(params, name).nproc if stage.trains else 1
     if nproc > 1 and "RANK" not in os.environ:
         return relaunch_under_torchrun(name, nproc)
@@ -65,6 +116,19 @@ def run_stage(name: str) -> int:
     with tracking.recording(stage, params) as recorder:
         module.run(params, recorder)
     return 0
+
+
+def require_inputs(stage: layout.Stage) -> None:
+    """A stage run before the stages that make its inputs stops here, in one line naming the
+    first missing input and what makes it (the stage would fail on its first read of it)."""
+    for path in stage.deps:
+        if not path.exists():
+            makers = [s.name for s in layout.STAGES.values() if path in s.outs + s.committed]
+            maker = f"the {makers[0]} stage's output" if makers else "an input"
+            raise UserError(
+                f"{path} is missing ({maker}): run dvc repro {stage.name}, which runs the "
+                "stages before it, or dvc pull to fetch their outputs"
+            )
 
 
 def import_stage(stage: layout.Stage) -> ModuleType:
@@ -286,7 +350,7 @@ def _command(argv: list[str]) -> int:
             return 0
         return run_stage(args.command)
     except UserError as err:
-        print(f"cnnpipe {args.command}: error: {err}", file=sys.stderr)
+        report_error(args.command, str(err))
         return 2
     except Exception:
         from cnnpipe import tracking
@@ -294,7 +358,7 @@ def _command(argv: list[str]) -> int:
         lost = tracking.lost_server_error()
         if lost is None:
             raise
-        print(f"cnnpipe {args.command}: error: {lost}", file=sys.stderr)
+        report_error(args.command, lost)
         return 2
 
 
