@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from cnnpipe import store
+from cnnpipe.errors import UserError
 
 
 def test_split_round_trip_is_memory_mapped(tmp_path):
@@ -12,6 +13,32 @@ def test_split_round_trip_is_memory_mapped(tmp_path):
     assert isinstance(read_images, np.memmap)
     np.testing.assert_array_equal(read_images, images)
     assert read_labels.dtype == np.int64
+
+
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        (lambda split: (split / "images.npy").unlink(), "images.npy cannot be read (No such file"),
+        (lambda split: _cut(split / "images.npy"), "images.npy cannot be read (mmap length"),
+        (lambda split: np.save(split / "labels.npy", np.array([{}])), "labels.npy cannot be read"),
+        (
+            lambda split: np.save(split / "labels.npy", np.arange(4)),
+            "(5, 4, 4, 3) images with (4,)",
+        ),
+    ],
+    ids=["missing", "cut short", "pickled", "unpaired"],
+)
+def test_a_damaged_split_is_one_line_saying_how_to_restore_it(tmp_path, damage, says):
+    images = np.zeros((5, 4, 4, 3), dtype=np.uint8)
+    store.write_split(tmp_path, "train", images, np.arange(5))
+    damage(tmp_path / "train")
+    with pytest.raises(UserError, match="restore it") as refused:
+        store.read_split(tmp_path, "train")
+    assert says in str(refused.value) and "\n" not in str(refused.value)
+
+
+def _cut(path):
+    path.write_bytes(path.read_bytes()[:150])  # the header whole, the pixels not
 
 
 def test_atomic_dir_keeps_the_old_output_when_the_writer_fails(tmp_path):

@@ -227,10 +227,28 @@ class SplitWriter:
 
 
 def read_split(folder: Path, split: str) -> Split:
-    """Images memory-mapped (read lazily), labels in memory."""
-    images = np.load(folder / split / "images.npy", mmap_mode="r")
-    labels = np.load(folder / split / "labels.npy")
+    """Images memory-mapped (read lazily), labels in memory. A split written by a stage and
+    damaged since (a file missing, cut short, not an array, or images and labels that do not
+    pair up) is a one-line `UserError`."""
+    images = _read_array(folder / split / "images.npy", mmap_mode="r")
+    labels = _read_array(folder / split / "labels.npy")
+    if images.ndim != 4 or labels.shape != images.shape[:1]:
+        raise UserError(
+            f"{folder / split}: {images.shape} images with {labels.shape} labels do not pair up:"
+            f" {_RESTORE}"
+        )
     return Split(images, labels)
+
+
+_RESTORE = "restore it (dvc checkout) or rerun the stage that writes it (dvc repro --force)"
+
+
+def _read_array(path: Path, mmap_mode: str | None = None) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode=mmap_mode)  # a pickled object is refused, not loaded
+    except (OSError, ValueError, EOFError) as err:
+        reason = getattr(err, "strerror", None) or first_line(err)  # OSError: without the path
+        raise UserError(f"{path} cannot be read ({reason}): {_RESTORE}") from None
 
 
 def image_size(folder: Path) -> int:
