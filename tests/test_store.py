@@ -37,6 +37,21 @@ def test_a_damaged_split_is_one_line_saying_how_to_restore_it(tmp_path, damage, 
     assert says in str(refused.value) and "\n" not in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [(None, "(No such file or directory)"), (b'{"a": ', "(not JSON: Expecting value"),
+     (b"\xff\xfe[", "(not JSON: 'utf-16-le' codec")],
+    ids=["missing", "cut short", "not text"],
+)  # fmt: skip
+def test_a_damaged_json_output_is_one_line_saying_how_to_restore_it(tmp_path, content, says):
+    path = tmp_path / "classes.json"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UserError, match="restore it") as refused:
+        store.read_json(path)
+    assert f"{path} cannot be read {says}" in str(refused.value)
+
+
 def _cut(path):
     path.write_bytes(path.read_bytes()[:150])  # the header whole, the pixels not
 

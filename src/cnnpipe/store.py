@@ -168,7 +168,15 @@ def write_json_atomic(path: Path, payload: object) -> None:
 
 
 def read_json(path: Path) -> object:
-    return json.loads(path.read_text())
+    """A JSON file a stage wrote; damaged since (missing, cut short, not JSON), a one-line
+    `UserError`."""
+    try:
+        return json.loads(path.read_bytes())
+    except OSError as err:
+        reason = err.strerror or first_line(err)
+    except ValueError as err:  # JSON's errors and a text that is not UTF-8
+        reason = f"not JSON: {first_line(err)}"
+    raise UserError(f"{path} cannot be read ({reason}): {_RESTORE}")
 
 
 def write_split(folder: Path, split: str, images: np.ndarray, labels: np.ndarray) -> None:
