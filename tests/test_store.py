@@ -1,3 +1,6 @@
+import os
+import signal
+
 import numpy as np
 import pytest
 
@@ -73,3 +76,22 @@ def test_fingerprint_follows_content(tmp_path):
     assert store.fingerprint(tmp_path) == first
     (tmp_path / "a").write_text("2")
     assert store.fingerprint(tmp_path) != first
+
+
+def test_ctrl_c_during_a_write_takes_effect_when_it_is_done():
+    """torch.save interrupted mid-file fails as it closes, and its error replaces Ctrl-C's
+    KeyboardInterrupt (a traceback instead of "stopped"): Ctrl-C waits for the write. An
+    ignored SIGINT (a background job) stays ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        written = False
+        with pytest.raises(KeyboardInterrupt), store.ctrl_c_after():
+            os.kill(os.getpid(), signal.SIGINT)
+            written = True
+        assert written
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with store.ctrl_c_after():
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

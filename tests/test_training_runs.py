@@ -86,6 +86,37 @@ def test_killed_training_resumes_to_the_same_weights(prepared, tmp_path):
         assert torch.equal(tensor, weights[1][name]), name
 
 
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_ctrl_c_stops_a_training_in_one_line_and_marks_its_run_killed(prepared, tmp_path, nproc):
+    """Ctrl-C (SIGINT to the terminal's process group): one line saying how to go on, exit
+    status 130, no traceback from any process, and the stage's MLflow run KILLED."""
+    folder = _copy(prepared, tmp_path / "stopped", {"epochs": 1000, "nproc": nproc})
+    process = subprocess.Popen(
+        [CNNPIPE, "train"],
+        cwd=folder,
+        env=_env(folder),
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's job
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a runner's SIG_IGN
+    )
+    checkpoint = folder / "checkpoints" / "train" / "last.pt"
+    deadline = time.monotonic() + 120
+    while _checkpointed_epochs(checkpoint) < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == (
+        "cnnpipe train: stopped: run it again to go on from its last finished epoch"
+    )
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("cnnpipe").experiment_id
+    (run,) = client.search_runs([experiment], filter_string="tags.`cnnpipe.stage` = 'train'")
+    assert run.info.status == "KILLED"
+
+
 def test_a_finished_training_publishes_its_model_again_from_its_checkpoint(prepared, tmp_path):
     folder = _copy(prepared, tmp_path / "finished", {"model": "seed_cnn", "epochs": 2})
     subprocess.run([CNNPIPE, "train"], cwd=folder, env=_env(folder), check=True)

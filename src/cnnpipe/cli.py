@@ -65,8 +65,9 @@ def relaunch_under_torchrun(stage: str, nproc: int) -> int:
         return 0
     except ChildFailedError as failed:
         return _report_processes(stage, nproc, failed, errors)
-    except SignalException as stopped:  # Ctrl-C or kill: the agent has stopped the processes
-        return 128 + stopped.sigval
+    except SignalException as signalled:  # Ctrl-C or kill: the agent stopped the processes
+        print(stopped(stage), file=sys.stderr)
+        return 128 + signalled.sigval
     finally:
         shutil.rmtree(errors, ignore_errors=True)
 
@@ -86,6 +87,13 @@ def _report_processes(stage: str, nproc: int, failed: ChildFailedError, errors: 
         file=sys.stderr,
     )
     return 1
+
+
+def stopped(command: str) -> str:
+    """What a command stopped by Ctrl-C (or kill) says, instead of Python's traceback."""
+    stage = layout.STAGES.get(command)
+    again = ": run it again to go on from its last finished epoch" if stage and stage.trains else ""
+    return f"cnnpipe {command}: stopped{again}"
 
 
 def report_error(command: str, message: str) -> None:
@@ -352,6 +360,10 @@ def _command(argv: list[str]) -> int:
     except UserError as err:
         report_error(args.command, str(err))
         return 2
+    except KeyboardInterrupt:  # Ctrl-C
+        if "RANK" not in os.environ:  # in a DDP process, the process that started it says it
+            print(stopped(args.command), file=sys.stderr)
+        return 130
     except Exception:
         from cnnpipe import tracking
 

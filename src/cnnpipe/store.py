@@ -14,7 +14,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -137,17 +139,38 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def save_tensors(state: dict, path: Path) -> None:
-    """`torch.save(state, path)`; a full disk is a one-line error and leaves no partial file."""
+    """`torch.save(state, path)`; a full disk is a one-line error and leaves no partial file.
+    Ctrl-C takes effect once the file is written: interrupted, torch's zip writer fails as it
+    closes and its error would replace the KeyboardInterrupt."""
     import torch
 
     needed = sum(t.nbytes for t in _tensors(state))
     try:
         # through a Python file: a failed write is then an OSError with its errno
-        with disk_full_is_one_line(path, needed), path.open("wb") as stream:
+        with ctrl_c_after(), disk_full_is_one_line(path, needed), path.open("wb") as stream:
             torch.save(state, stream)
     except BaseException:
         path.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def ctrl_c_after() -> Iterator[None]:
+    """Ctrl-C during the block is raised as KeyboardInterrupt when it ends. Only where Python's
+    own handler is in place, in the main thread: an ignored SIGINT (a background job) stays
+    ignored."""
+    in_main = threading.current_thread() is threading.main_thread()
+    if not in_main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    pressed = []
+    signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if pressed:
+        raise KeyboardInterrupt
 
 
 def _tensors(value: object) -> Iterator:

@@ -618,8 +618,9 @@ def stage_run(
 ) -> Iterator[StageRun]:
     """Start the MLflow run of a stage, named `<stage>-<model>` (or `run_name`), tagged with
     the runs that made its inputs (`upstream`), with CPU, memory (and GPU) use sampled every
-    few seconds when `system_metrics`; a failing stage leaves its run marked FAILED. The
-    options after `params` are keyword-only, each with a default, as `mlflow.start_run`'s."""
+    few seconds when `system_metrics`; a failing stage leaves its run marked FAILED (KILLED
+    when stopped by Ctrl-C). The options after `params` are keyword-only, each with a
+    default, as `mlflow.start_run`'s."""
     if os.environ.get("RANK", "0") != "0":
         yield _OtherRank()
         return
@@ -639,11 +640,17 @@ def stage_run(
     status = "FINISHED"
     try:
         yield run
+    except KeyboardInterrupt:  # Ctrl-C: stopped, as a killed process's run is marked
+        status = "KILLED"
+        raise
     except BaseException:
         status = "FAILED"
         raise
     finally:
-        run.end(status)
+        # Stopped mid-write, the store may still be locked: then the run stays RUNNING until
+        # the stage's next run marks it KILLED (`close_abandoned_runs`), and Ctrl-C goes on.
+        with contextlib.suppress(Exception) if status == "KILLED" else contextlib.nullcontext():
+            run.end(status)
 
 
 @contextlib.contextmanager
