@@ -373,15 +373,15 @@ class Checkpoint:
 def print_epoch(
     record: EpochRecord, total_epochs: int, images_per_second: float, seconds_left: float
 ) -> None:
-    """The line a fit prints after each epoch (stderr)."""
-    print(
+    """The line a fit prints after each epoch (stderr), newline included in one write: print's
+    separate write of the newline could be cut off by Ctrl-C, leaving "stopped" on its line."""
+    sys.stderr.write(
         f"epoch {record.epoch}/{total_epochs}: train loss {record.train_loss:.4f} "
         f"acc {record.train_accuracy:.4f} | val loss {record.val_loss:.4f} "
         f"acc {record.val_accuracy:.4f} | {images_per_second:.0f} img/s "
-        f"| ~{seconds_left:.0f}s left",
-        file=sys.stderr,
-        flush=True,
+        f"| ~{seconds_left:.0f}s left\n"
     )
+    sys.stderr.flush()
 
 
 def _progress(total: int, description: str) -> tqdm:
